@@ -1,0 +1,259 @@
+"""The model bundle: the only thing serving and edge read. Torch-free.
+
+A bundle is a directory::
+
+    <name>-<version>/
+        metadata.json          # schema below
+        model.onnx             # ONNX FP32
+        model.int8.onnx        # ONNX Runtime static QDQ INT8 (if it passed the accuracy gate)
+        openvino/model.xml|bin # OpenVINO IR FP32
+        openvino_int8/...      # OpenVINO NNCF INT8 (if it passed the gate)
+        reference_stats.parquet / .csv  # drift reference (optional)
+
+``metadata.json`` keys: ``schema_version``, ``name``, ``version``, ``architecture``,
+``classes`` (ordered as the model's outputs), ``input`` (:class:`InputSpec`), ``files``
+(list of ``{path, format, runtime, precision, role, sha256, bytes}``), ``metrics``
+(``{"fp32": {...}, "int8_openvino": {...}, ...}``), ``calibration`` (``temperature``,
+``abstain_threshold``), ``lineage`` (``metaflow_run_id``, ``mlflow_run_id``,
+``data_manifest_sha256``, ``git_commit``, ``created_at``) and ``params``.
+
+Bundles are written atomically by :class:`BundleWriter` (a hidden temporary directory
+renamed into place), and :func:`load_bundle` verifies every file's sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from plantml.preprocess import InputSpec
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+METADATA_FILE = "metadata.json"
+REQUIRED_KEYS = (
+    "schema_version", "name", "version", "architecture", "classes", "input", "files",
+    "metrics", "calibration", "lineage",
+)
+RUNTIMES = ("onnxruntime", "openvino")
+PRECISIONS = ("fp32", "int8")
+
+
+class BundleError(ValueError):
+    """A bundle is missing, malformed or fails its integrity check."""
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(root: Path, rel_path: str, *, fmt: str, runtime: str, precision: str, role: str = "model") -> dict:
+    """Describe one bundle file (hash and size computed now)."""
+    path = root / rel_path
+    return {
+        "path": rel_path,
+        "format": fmt,
+        "runtime": runtime,
+        "precision": precision,
+        "role": role,
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+    }
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded, verified bundle."""
+
+    root: Path
+    metadata: dict[str, Any]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.metadata["classes"])
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec.from_dict(self.metadata["input"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.metadata.get("calibration", {}).get("temperature", 1.0))
+
+    @property
+    def abstain_threshold(self) -> float:
+        return float(self.metadata.get("calibration", {}).get("abstain_threshold", 0.0))
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata["version"])
+
+    def available(self) -> list[tuple[str, str]]:
+        """``(runtime, precision)`` pairs that have a model file."""
+        return [(f["runtime"], f["precision"]) for f in self.metadata["files"] if f.get("role", "model") == "model"]
+
+    def model_path(self, runtime: str, precision: str = "fp32") -> Path:
+        """Path of the model file for a runtime and precision.
+
+        Raises:
+            BundleError: if the bundle has no such model.
+        """
+        for f in self.metadata["files"]:
+            if f["runtime"] == runtime and f["precision"] == precision and f.get("role", "model") == "model":
+                return self.root / f["path"]
+        have = ", ".join(f"{r}/{p}" for r, p in self.available()) or "none"
+        raise BundleError(f"bundle {self.root} has no {runtime} {precision} model (available: {have})")
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+
+def validate_metadata(meta: Mapping[str, Any], where: str = "metadata.json") -> None:
+    """Check the required keys and basic types; raise :class:`BundleError` naming the problem."""
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise BundleError(f"{where} is missing required key(s): {', '.join(missing)}")
+    if meta["schema_version"] != SCHEMA_VERSION:
+        raise BundleError(f"{where} has schema_version {meta['schema_version']}, this code reads {SCHEMA_VERSION}")
+    if not isinstance(meta["classes"], list) or len(meta["classes"]) < 2:
+        raise BundleError(f"{where}: classes must be a list of at least 2 names")
+    if not isinstance(meta["files"], list) or not meta["files"]:
+        raise BundleError(f"{where}: files must be a non-empty list")
+    for f in meta["files"]:
+        for key in ("path", "format", "runtime", "precision", "sha256"):
+            if key not in f:
+                raise BundleError(f"{where}: a files entry lacks {key!r}: {f}")
+    try:
+        InputSpec.from_dict(meta["input"])
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{where}: bad input spec: {exc}") from exc
+
+
+def load_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
+    """Load a bundle directory and (by default) verify every file's sha256.
+
+    Args:
+        root: the bundle directory (or a ``latest`` symlink to one).
+        verify: check hashes; a mismatch is refused.
+
+    Raises:
+        BundleError: missing directory/metadata, bad schema, missing file, hash mismatch.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise BundleError(f"bundle directory not found: {root}")
+    meta_path = root / METADATA_FILE
+    if not meta_path.is_file():
+        raise BundleError(f"not a bundle (no {METADATA_FILE}): {root}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{meta_path} is not valid JSON: {exc}") from exc
+    validate_metadata(meta, str(meta_path))
+    root = root.resolve()
+    if verify:
+        for f in meta["files"]:
+            path = root / f["path"]
+            if not path.is_file():
+                raise BundleError(f"bundle file missing: {f['path']} (listed in {meta_path})")
+            actual = sha256_file(path)
+            if actual != f["sha256"]:
+                raise BundleError(
+                    f"sha256 mismatch for {f['path']}: metadata says {f['sha256'][:12]}..., file is {actual[:12]}... "
+                    "(the bundle was modified or corrupted; refusing to load it)"
+                )
+    return Bundle(root=root, metadata=meta)
+
+
+class BundleWriter:
+    """Write a bundle atomically.
+
+    Files are written into a hidden temporary directory beside the destination; on
+    :meth:`commit` the metadata (with sha256 of every listed file) is written and the
+    directory renamed into place. If the ``with`` block raises, the temporary directory
+    is removed, so no half-written bundle is ever visible.
+
+    Example::
+
+        with BundleWriter(out_root, "plantml-leaf", version) as w:
+            export_onnx(model, w.dir / "model.onnx")
+            w.add_file("model.onnx", fmt="onnx", runtime="onnxruntime", precision="fp32")
+            final_path = w.commit(metadata)
+    """
+
+    def __init__(self, out_root: str | os.PathLike[str], name: str, version: str) -> None:
+        self.out_root = Path(out_root)
+        self.final_dir = self.out_root / f"{name}-{version}"
+        self.dir = self.out_root / f".tmp-{name}-{version}-{uuid.uuid4().hex[:8]}"
+        self.files: list[dict[str, Any]] = []
+        self._committed = False
+
+    def __enter__(self) -> "BundleWriter":
+        if self.final_dir.exists():
+            raise BundleError(f"bundle already exists: {self.final_dir}")
+        self.dir.mkdir(parents=True)
+        return self
+
+    def add_file(self, rel_path: str, *, fmt: str, runtime: str, precision: str, role: str = "model") -> dict:
+        """Register a file already written under :attr:`dir`."""
+        entry = file_entry(self.dir, rel_path, fmt=fmt, runtime=runtime, precision=precision, role=role)
+        self.files = [f for f in self.files if f["path"] != rel_path] + [entry]
+        return entry
+
+    def remove_file(self, rel_path: str) -> None:
+        """Drop a registered file (e.g. an INT8 model that failed its gate) and delete it."""
+        self.files = [f for f in self.files if f["path"] != rel_path]
+        target = self.dir / rel_path
+        if target.is_file():
+            target.unlink()
+
+    def commit(self, metadata: Mapping[str, Any]) -> Path:
+        """Write ``metadata.json`` and move the bundle into place; returns its final path."""
+        meta = dict(metadata)
+        meta["files"] = list(self.files)
+        meta.setdefault("schema_version", SCHEMA_VERSION)
+        validate_metadata(meta, "bundle metadata")
+        tmp_meta = self.dir / (METADATA_FILE + ".tmp")
+        tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=False))
+        os.replace(tmp_meta, self.dir / METADATA_FILE)
+        os.replace(self.dir, self.final_dir)
+        self._committed = True
+        _point_latest(self.out_root, self.final_dir.name)
+        log.info("bundle written: %s", self.final_dir)
+        return self.final_dir
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._committed and self.dir.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _point_latest(out_root: Path, target_name: str) -> None:
+    """Atomically repoint ``<out_root>/latest`` at the newest bundle."""
+    link = out_root / "latest"
+    tmp = out_root / f".latest-{uuid.uuid4().hex[:8]}"
+    os.symlink(target_name, tmp)
+    os.replace(tmp, link)
+
+
+def iter_model_files(meta: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """Yield the ``files`` entries whose role is ``model``."""
+    for f in meta.get("files", []):
+        if f.get("role", "model") == "model":
+            yield f

@@ -1,0 +1,254 @@
+"""Export a trained model to ONNX (FP32) and OpenVINO IR, check parity, write a bundle.
+
+Parity: ONNX Runtime and OpenVINO outputs are compared with torch eager on the same
+inputs at batch sizes 1, 2 and 8; the max absolute logit difference of each is recorded
+in the bundle metadata. OpenVINO's CPU plugin runs FP32 models in bfloat16 on CPUs with
+AVX-512 BF16 unless told otherwise, so the parity check (and any FP32 claim) uses
+``INFERENCE_PRECISION_HINT=f32``.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from plantml.bundle import SCHEMA_VERSION, BundleWriter
+
+log = logging.getLogger(__name__)
+
+PARITY_BATCH_SIZES = (1, 2, 8)
+
+
+class ExportError(RuntimeError):
+    """Export failed or an exported model disagrees with torch beyond tolerance."""
+
+
+def export_onnx(model: Any, path: Path, image_size: int, opset: int = 18) -> Path:
+    """Export ``model`` (a torch module) to ONNX with a dynamic batch dimension.
+
+    The TorchScript-based exporter (``dynamo=False``) is tried first because it is fast
+    and handles the timm CNNs and ViTs used here; the ``torch.export`` path is the
+    fallback. Either way the caller checks parity at batch 1, 2 and 8.
+    """
+    import torch
+
+    model = model.eval().cpu()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dummy = torch.randn(2, 3, image_size, image_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                model, (dummy,), str(path), dynamo=False, opset_version=opset,
+                input_names=["input"], output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
+        except Exception as exc:  # noqa: BLE001 - fall back to the torch.export-based exporter
+            log.warning("legacy ONNX export failed (%s); trying dynamo=True", exc)
+            batch = torch.export.Dim("batch", min=1, max=1024)
+            torch.onnx.export(
+                model, (dummy,), str(path), dynamo=True, opset_version=opset,
+                input_names=["input"], output_names=["logits"], dynamic_shapes=({0: batch},),
+            )
+    _merge_external_data(path)
+    return path
+
+
+def _merge_external_data(path: Path) -> None:
+    """Keep the ONNX model a single file (small models can be written with external data)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=True)
+    leftovers = [p for p in path.parent.glob(path.name + ".data")]
+    if leftovers:
+        onnx.save_model(model, str(path), save_as_external_data=False)
+        for p in leftovers:
+            p.unlink()
+
+
+def export_openvino(onnx_path: Path, xml_path: Path) -> Path:
+    """Convert an ONNX model to OpenVINO IR, keeping FP32 weights (no FP16 compression)."""
+    import openvino as ov
+
+    xml_path = Path(xml_path)
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    ov_model = ov.convert_model(str(onnx_path))
+    ov.save_model(ov_model, str(xml_path), compress_to_fp16=False)
+    return xml_path
+
+
+def onnxruntime_runner(path: Path, threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
+    """A ``batch -> logits`` function over an ONNX Runtime CPU session."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, threads)
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def openvino_runner(xml_path: Path, threads: int = 1, f32: bool = True) -> Callable[[np.ndarray], np.ndarray]:
+    """A ``batch -> logits`` function over OpenVINO CPU (``f32`` forces FP32 inference)."""
+    import openvino as ov
+
+    core = ov.Core()
+    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": max(1, threads)}
+    if f32:
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    compiled = core.compile_model(str(xml_path), "CPU", config)
+    return lambda x: compiled(np.ascontiguousarray(x, dtype=np.float32))[0]
+
+
+def torch_runner(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """A ``batch -> logits`` function over torch eager (CPU, no grad)."""
+    import torch
+
+    model = model.eval().cpu()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+    return run
+
+
+def parity_report(
+    reference: Callable[[np.ndarray], np.ndarray],
+    candidates: Mapping[str, Callable[[np.ndarray], np.ndarray]],
+    inputs: np.ndarray,
+    batch_sizes: Sequence[int] = PARITY_BATCH_SIZES,
+) -> dict[str, dict[str, float]]:
+    """Max abs logit difference of each candidate vs the reference, per batch size.
+
+    Args:
+        reference: torch eager runner.
+        candidates: ``{"onnxruntime_fp32": fn, ...}``.
+        inputs: at least ``max(batch_sizes)`` preprocessed images (NCHW float32).
+
+    Returns:
+        ``{"onnxruntime_fp32": {"batch_1": d, "batch_2": d, "batch_8": d, "max": d}, ...}``
+    """
+    out: dict[str, dict[str, float]] = {}
+    if len(inputs) < max(batch_sizes):
+        reps = int(np.ceil(max(batch_sizes) / max(1, len(inputs))))
+        inputs = np.concatenate([inputs] * reps)
+    for name, fn in candidates.items():
+        diffs = {}
+        for b in batch_sizes:
+            x = inputs[:b]
+            ref = reference(x)
+            got = fn(x)
+            if got.shape != ref.shape:
+                raise ExportError(f"{name}: output shape {got.shape} != torch {ref.shape} at batch {b}")
+            diffs[f"batch_{b}"] = float(np.max(np.abs(got - ref)))
+        diffs["max"] = max(diffs.values())
+        out[name] = diffs
+    return out
+
+
+def git_commit() -> str | None:
+    """The current git commit of the working tree, or ``None`` outside a repository."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def new_version() -> str:
+    """A sortable, unique-enough bundle version: UTC timestamp."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def export_bundle(
+    model: Any,
+    *,
+    out_root: Path,
+    name: str,
+    architecture: str,
+    classes: list[str],
+    input_spec: Any,
+    parity_inputs: np.ndarray,
+    metrics: Mapping[str, Any],
+    lineage: Mapping[str, Any],
+    params: Mapping[str, Any] | None = None,
+    calibration: Mapping[str, Any] | None = None,
+    opset: int = 18,
+    parity_tolerance: float = 1e-4,
+    version: str | None = None,
+    extra_steps: Sequence[Callable[[BundleWriter, dict[str, Any]], None]] = (),
+) -> tuple[Path, dict[str, Any]]:
+    """Export ``model`` to ONNX + OpenVINO, check parity, and write a bundle atomically.
+
+    Args:
+        model: trained torch module returning logits.
+        out_root: folder that receives ``<name>-<version>/`` (and a ``latest`` link).
+        parity_inputs: preprocessed real images (NCHW) used for the parity check.
+        metrics: ``{"fp32": {...}}`` test metrics to store.
+        lineage: run ids, data manifest hash; ``git_commit`` and ``created_at`` are added.
+        extra_steps: callables ``(writer, metadata) -> None`` run before commit, e.g. INT8
+            quantization or reference statistics; they may add files and metadata keys.
+
+    Returns:
+        ``(bundle_path, metadata)``.
+
+    Raises:
+        ExportError: if a runtime's output differs from torch by more than the tolerance.
+    """
+    version = version or new_version()
+    spec_dict = input_spec.to_dict() if hasattr(input_spec, "to_dict") else dict(input_spec)
+    with BundleWriter(out_root, name, version) as writer:
+        onnx_path = export_onnx(model, writer.dir / "model.onnx", spec_dict["size"], opset)
+        writer.add_file("model.onnx", fmt="onnx", runtime="onnxruntime", precision="fp32")
+        xml = export_openvino(onnx_path, writer.dir / "openvino" / "model.xml")
+        writer.add_file("openvino/model.xml", fmt="openvino", runtime="openvino", precision="fp32")
+        writer.add_file("openvino/model.bin", fmt="openvino", runtime="openvino", precision="fp32", role="weights")
+        del xml
+        parity = parity_report(
+            torch_runner(model),
+            {
+                "onnxruntime_fp32": onnxruntime_runner(writer.dir / "model.onnx"),
+                "openvino_fp32": openvino_runner(writer.dir / "openvino" / "model.xml"),
+            },
+            parity_inputs,
+        )
+        worst = {k: v["max"] for k, v in parity.items()}
+        log.info("parity vs torch (max abs logit diff): %s", worst)
+        bad = {k: v for k, v in worst.items() if v > parity_tolerance}
+        if bad:
+            raise ExportError(
+                f"exported model disagrees with torch beyond {parity_tolerance}: "
+                + ", ".join(f"{k} max abs diff {v:.2e}" for k, v in bad.items())
+            )
+        metadata: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "name": name,
+            "version": version,
+            "architecture": architecture,
+            "classes": list(classes),
+            "input": spec_dict,
+            "files": [],
+            "metrics": dict(metrics),
+            "calibration": dict(calibration or {"temperature": 1.0, "abstain_threshold": 0.0}),
+            "parity": {"tolerance": parity_tolerance, "max_abs_diff": parity},
+            "lineage": {
+                **dict(lineage),
+                "git_commit": lineage.get("git_commit") or git_commit(),
+                "created_at": datetime.now(timezone.utc).isoformat(),
+            },
+            "params": dict(params or {}),
+        }
+        for step in extra_steps:
+            step(writer, metadata)
+        path = writer.commit(metadata)
+    return path, metadata

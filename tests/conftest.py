@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny synthetic images and a tiny exported bundle.
+
+Everything here is generated: no test depends on a run left on disk or on
+``../shared/data`` (tests about the real sample say so and skip without it).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("METAFLOW_USER", "plantml-tests")
+os.environ.setdefault("USER", "plantml-tests")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "plantvillage-mini"
+
+#: Colours of the tiny synthetic classes: a model can learn them in a few steps.
+TINY_CLASSES = {"Tomato___healthy": (40, 160, 40), "Tomato___Late_blight": (120, 80, 30), "Apple___scab": (60, 60, 150)}
+
+
+def make_leaf_image(rgb: tuple[int, int, int], size: int = 64, seed: int = 0) -> Image.Image:
+    """A noisy solid-colour square: enough signal for a tiny model to separate classes."""
+    rng = np.random.default_rng(seed)
+    base = np.array(rgb, dtype=np.float32)
+    arr = base + rng.normal(0, 12, size=(size, size, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """``<root>/<Class>/*.jpg``: 3 classes x 20 images, 64x64."""
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    for c, (name, rgb) in enumerate(TINY_CLASSES.items()):
+        (root / name).mkdir()
+        for i in range(20):
+            make_leaf_image(rgb, seed=c * 1000 + i).save(root / name / f"img_{i:03d}.jpg", quality=90)
+    return root
+
+
+def _train_tiny_model(classes: list[str], size: int):
+    """A tiny CNN trained for a few steps on the synthetic colours (deterministic)."""
+    import torch
+
+    from plantml.models import create_model
+    from plantml.preprocess import InputSpec, preprocess_image
+
+    torch.manual_seed(0)
+    spec = InputSpec(size=size)
+    model = create_model("tiny_cnn", num_classes=len(classes))
+    xs, ys = [], []
+    for c, name in enumerate(classes):
+        for i in range(8):
+            xs.append(preprocess_image(make_leaf_image(TINY_CLASSES[name], seed=50_000 + c * 100 + i), spec))
+            ys.append(c)
+    x, y = torch.from_numpy(np.stack(xs)), torch.tensor(ys)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(40):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval(), x.numpy()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A real exported bundle (ONNX FP32 + OpenVINO FP32) of a tiny CNN, 32x32 inputs."""
+    from plantml.export import export_bundle
+    from plantml.preprocess import InputSpec
+
+    classes = list(TINY_CLASSES)
+    size = 32
+    model, parity_inputs = _train_tiny_model(classes, size)
+    out = tmp_path_factory.mktemp("bundles")
+    path, _ = export_bundle(
+        model, out_root=out, name="tiny-test-model", architecture="tiny_cnn", classes=classes,
+        input_spec=InputSpec(size=size), parity_inputs=parity_inputs,
+        metrics={"fp32": {"accuracy": 1.0, "macro_f1": 1.0}},
+        lineage={"metaflow_run_id": None, "mlflow_run_id": None, "data_manifest_sha256": "test"},
+        calibration={"temperature": 1.0, "abstain_threshold": 0.0},
+        version="1",
+    )
+    return path
+
+
+@pytest.fixture
+def leaf_jpeg() -> bytes:
+    """A JPEG of the first tiny class (the tiny bundle predicts it)."""
+    return jpeg_bytes(make_leaf_image(TINY_CLASSES["Tomato___healthy"], size=64, seed=7))

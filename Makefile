@@ -10,6 +10,9 @@ export USER ?= plantml
 
 .PHONY: venv run test test-unit test-integration lint clean
 
+# Operator jobs (local stack, serve, load test, edge binary) live in ops.mk.
+-include ops.mk
+
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip wheel setuptools

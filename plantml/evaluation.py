@@ -1,0 +1,199 @@
+"""Evaluation: metrics on the test split, the champion rule, quality gates, plots.
+
+Metrics are computed from probabilities so that every model (torch, ONNX Runtime,
+OpenVINO, INT8) is measured by the same code. Plots are written as PNG files (rendered
+here, not in the card, so cards stay fast).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class QualityGateError(RuntimeError):
+    """The champion misses a quality gate from params; the message lists which."""
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1, one-vs-rest ROC-AUC, confusion matrix.
+
+    Args:
+        y_true: integer labels ``[N]``.
+        probs: class probabilities ``[N, C]`` (rows sum to 1).
+        classes: names, index-aligned with the columns.
+    """
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
+
+    labels = list(range(len(classes)))
+    y_pred = probs.argmax(1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    per_class_auc: list[float | None] = []
+    for i in labels:
+        positives = (y_true == i)
+        if positives.all() or not positives.any():
+            per_class_auc.append(None)  # undefined when a class is absent (or alone) in the split
+        else:
+            per_class_auc.append(float(roc_auc_score(positives, probs[:, i])))
+    defined = [a for a in per_class_auc if a is not None]
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "roc_auc_ovr_macro": float(np.mean(defined)) if defined else None,
+        "per_class": [
+            {"class": c, "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+             "support": int(support[i]), "roc_auc": per_class_auc[i]}
+            for i, c in enumerate(classes)
+        ],
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def choose_champion(candidates: Mapping[str, Mapping[str, float]], metric: str, tolerance: float) -> tuple[str, str]:
+    """Pick the champion by the rule in params.
+
+    The model with the highest ``metric`` wins; if another is within ``tolerance`` of it,
+    the one with the lower ``latency_ms`` wins instead (a tie in quality goes to the
+    cheaper model to run).
+
+    Returns:
+        ``(name, human-readable reason)``.
+    """
+    if not candidates:
+        raise ValueError("no trained model to choose from")
+    ranked = sorted(candidates.items(), key=lambda kv: -kv[1][metric])
+    best_name, best = ranked[0]
+    close = [(n, m) for n, m in ranked if best[metric] - m[metric] <= tolerance]
+    fastest_name, fastest = min(close, key=lambda kv: kv[1].get("latency_ms", float("inf")))
+    if fastest_name != best_name:
+        return fastest_name, (
+            f"{fastest_name}: {metric} {fastest[metric]:.4f} is within {tolerance} of {best_name} "
+            f"({best[metric]:.4f}) and it is faster ({fastest.get('latency_ms', 0):.1f} ms vs "
+            f"{best.get('latency_ms', 0):.1f} ms)"
+        )
+    others = ", ".join(f"{n} {m[metric]:.4f}" for n, m in ranked[1:])
+    return best_name, f"{best_name}: highest {metric} {best[metric]:.4f}" + (f" (vs {others})" if others else "")
+
+
+def check_quality_gates(metrics: Mapping[str, Any], min_macro_f1: float, min_accuracy: float, name: str) -> None:
+    """Raise :class:`QualityGateError` if the champion misses a gate."""
+    failures = []
+    if metrics["macro_f1"] < min_macro_f1:
+        failures.append(f"macro-F1 {metrics['macro_f1']:.4f} < evaluate.min_macro_f1 {min_macro_f1}")
+    if metrics["accuracy"] < min_accuracy:
+        failures.append(f"accuracy {metrics['accuracy']:.4f} < evaluate.min_accuracy {min_accuracy}")
+    if failures:
+        raise QualityGateError(f"quality gate failed for champion {name}: " + "; ".join(failures))
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _short(name: str) -> str:
+    return name.replace("___", ": ").replace("_", " ")[:28]
+
+
+def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str) -> Path:
+    """Row-normalised confusion matrix with counts."""
+    plt = _plt()
+    cm = np.asarray(cm)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * n + 3), max(4, 0.45 * n + 2)))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), [_short(c) for c in classes], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(n), [_short(c) for c in classes], fontsize=7)
+    for i in range(n):
+        for j in range(n):
+            if cm[i, j]:
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    return _save(fig, path)
+
+
+def plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: Path, title: str) -> Path:
+    """One-vs-rest ROC curves (micro-average bold)."""
+    from sklearn.metrics import roc_curve
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for i, c in enumerate(classes):
+        pos = y_true == i
+        if pos.any() and not pos.all():
+            fpr, tpr, _ = roc_curve(pos, probs[:, i])
+            ax.plot(fpr, tpr, lw=0.8, alpha=0.6)
+    onehot = np.eye(len(classes))[y_true]
+    fpr, tpr, _ = roc_curve(onehot.ravel(), probs.ravel())
+    ax.plot(fpr, tpr, lw=2.5, color="black", label="micro-average")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: Path) -> Path:
+    """Loss and validation accuracy/macro-F1 per epoch, one line per model."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, hist in histories.items():
+        ep = [h["epoch"] for h in hist]
+        ax1.plot(ep, [h["train_loss"] for h in hist], marker="o", label=f"{name} train")
+        ax1.plot(ep, [h["val_loss"] for h in hist], marker="o", ls="--", label=f"{name} val")
+        ax2.plot(ep, [h["val_accuracy"] for h in hist], marker="o", label=f"{name} val accuracy")
+        ax2.plot(ep, [h["val_macro_f1"] for h in hist], marker="s", ls="--", label=f"{name} val macro-F1")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.legend(fontsize=7)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylim(0, 1.01)
+    ax2.legend(fontsize=7)
+    fig.suptitle("training curves")
+    return _save(fig, path)
+
+
+def plot_comparison(rows: Mapping[str, Mapping[str, float]], path: Path) -> Path:
+    """Side-by-side bars: accuracy, macro-F1, latency and size per model."""
+    plt = _plt()
+    names = list(rows)
+    panels = [("accuracy", "test accuracy"), ("macro_f1", "test macro-F1"), ("latency_ms", "latency ms (torch, 1 thread)"),
+              ("size_mb", "parameters (MB fp32)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(12, 3))
+    for ax, (key, label) in zip(axes, panels):
+        vals = [rows[n].get(key, 0) or 0 for n in names]
+        bars = ax.bar(names, vals, color=["#3b7d3b", "#4a6fa5", "#a5674a", "#777"][: len(names)])
+        ax.set_title(label, fontsize=9)
+        for b, v in zip(bars, vals):
+            ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path

@@ -108,6 +108,8 @@ class CalibrationParams:
 class RobustnessParams:
     severities: tuple[int, ...] = (1, 3, 5)
     min_relative_accuracy: float = 0.0
+    max_images: int = 300
+    background_border: int = 8
 
 
 @dataclass(frozen=True)

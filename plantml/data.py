@@ -361,7 +361,7 @@ def rows_for(rows: Sequence[ManifestRow], split: str) -> list[ManifestRow]:
     return [r for r in rows if r.split == split]
 
 
-def train_augmentation(size: int) -> Any:
+def train_augmentation(size: int, seed: int | None = None) -> Any:
     """Albumentations pipeline for training (uint8 HWC in, uint8 HWC out).
 
     Leaves have no canonical orientation, so all flips and 90° turns are label-preserving;
@@ -376,4 +376,4 @@ def train_augmentation(size: int) -> Any:
         A.RandomRotate90(p=0.5),
         A.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.2, hue=0.02, p=0.7),
         A.GaussianBlur(blur_limit=(3, 5), p=0.1),
-    ])
+    ], seed=seed)

@@ -123,3 +123,71 @@ def fetch_bundle(model_uri: str, dst_dir: str | os.PathLike[str], tracking_uri: 
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+
+
+def start_parent_run(params: Mapping[str, Any], tags: Mapping[str, str], tracking_uri: str | None = None,
+                     run_name: str | None = None) -> str:
+    """Create the flow-level MLflow run (children are nested under it); returns its id."""
+    import mlflow
+
+    setup_mlflow(tracking_uri)
+    with mlflow.start_run(run_name=run_name, tags={k: str(v) for k, v in tags.items()}) as run:
+        mlflow.log_params(_flatten(params))
+        return run.info.run_id
+
+
+def log_branch_run(
+    parent_run_id: str,
+    name: str,
+    *,
+    params: Mapping[str, Any],
+    history: list[Mapping[str, float]],
+    metrics: Mapping[str, float],
+    artifacts: list[str | os.PathLike[str]],
+    checkpoint_path: str | os.PathLike[str] | None,
+    tags: Mapping[str, str],
+    tracking_uri: str | None = None,
+) -> str:
+    """One nested run per architecture: params, per-epoch metrics, images, the weights.
+
+    Returns:
+        The child run id.
+    """
+    import mlflow
+
+    setup_mlflow(tracking_uri)
+    with mlflow.start_run(run_id=parent_run_id):
+        with mlflow.start_run(run_name=name, nested=True, tags={k: str(v) for k, v in tags.items()}) as run:
+            mlflow.log_params(_flatten(params))
+            for row in history:
+                step = int(row["epoch"])
+                mlflow.log_metrics({f"epoch_{k}": float(v) for k, v in row.items() if k != "epoch"}, step=step)
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+            for path in artifacts:
+                mlflow.log_artifact(str(path), artifact_path="plots")
+            if checkpoint_path:
+                mlflow.log_artifact(str(checkpoint_path), artifact_path="model")
+            return run.info.run_id
+
+
+def finish_parent_run(parent_run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str],
+                      tracking_uri: str | None = None) -> None:
+    """Record the flow's outcome on its parent run."""
+    import mlflow
+
+    setup_mlflow(tracking_uri)
+    with mlflow.start_run(run_id=parent_run_id):
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"train": {"epochs": 3}}`` -> ``{"train.epochs": "3"}`` (MLflow params are flat strings)."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = str(value)[:500]
+    return out

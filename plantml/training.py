@@ -200,7 +200,7 @@ def train_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _warmup_cosine(epochs * steps_per_epoch, train_params.warmup_epochs * steps_per_epoch)
     )
-    augment = train_augmentation(size)
+    augment = train_augmentation(size, seed=train_params.seed)
     rng = np.random.default_rng(train_params.seed)
     result = TrainResult(
         name=name, arch=model_params.arch, classes=list(classes), image_size=size, mean=list(spec.mean),

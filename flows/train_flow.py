@@ -1,0 +1,208 @@
+"""PlantDiseaseFlow: prepare -> train (CNN and ViT in parallel) -> evaluate -> export.
+
+Usage (inside the environment; ``make run`` creates it and runs the first line)::
+
+    python flows/train_flow.py run                                  # built-in DEMO data
+    python flows/train_flow.py run --data-dir data/raw/PlantVillage # real data
+    python flows/train_flow.py run --set "train.epochs=3 train.image_size=128"
+    python flows/train_flow.py resume                               # after a failed step
+    python flows/train_flow.py card view evaluate                   # the report
+    mlflow ui --backend-store-uri sqlite:///mlflow.db               # runs + registry
+
+Every parameter comes from ``params.yaml`` (``--params`` picks another file, ``--set``
+overrides keys). Steps are thin: they call one function of :mod:`plantml.pipeline`, keep
+plain data as artifacts, and build a card. The trained weights travel between steps as a
+Metaflow artifact, so ``resume`` and remote execution (``--with kubernetes``) work
+without a shared disk. ``@resources`` only matters when a step runs remotely.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from metaflow import FlowSpec, Parameter, card, catch, current, resources, retry, step
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from flows import cards  # noqa: E402
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class PlantDiseaseFlow(FlowSpec):
+    """Train a CNN and a ViT on leaf photos, pick the champion, export and register it."""
+
+    data_dir = Parameter("data-dir", default="", help="PlantVillage-style folder; empty: the synthetic DEMO set")
+    params_file = Parameter("params-file", default="", help="parameter file (default: the repository's params.yaml)")
+    overrides = Parameter("set", default="", help='space-separated overrides, e.g. "train.epochs=3 data.seed=1"')
+
+    def _params(self):
+        from plantml.config import params_from_dict
+
+        return params_from_dict(self.params)
+
+    @card(type="blank")
+    @step
+    def start(self):
+        """Resolve and validate the parameters (a bad key fails here, before any work)."""
+        from plantml.config import load_params, parse_override
+        from plantml.registry import start_parent_run
+
+        overrides = dict(parse_override(tok) for tok in self.overrides.split())
+        if self.data_dir:
+            overrides["data.data_dir"] = self.data_dir
+        params = load_params(self.params_file or None, overrides)
+        self.params = params.to_dict()
+        self.model_names = list(params.train.models)
+        self.mlflow_parent_run_id = start_parent_run(
+            self.params, {"metaflow_run_id": current.run_id, "metaflow_flow": current.flow_name},
+            params.registry.tracking_uri, run_name=f"{current.flow_name}/{current.run_id}")
+        current.card.append(cards.Markdown(f"# Parameters\n```\n{cards._pretty(self.params)}\n```"))
+        self.next(self.prepare)
+
+    @card(type="blank")
+    @step
+    def prepare(self):
+        """Scan, check and split the data; write the manifest."""
+        from dataclasses import asdict
+
+        from plantml.pipeline import prepare, repo_path
+
+        params = self._params()
+        rows, summary, manifest_path = prepare(params)
+        self.manifest = [asdict(r) for r in rows]
+        self.summary = summary.to_dict()
+        self.classes = summary.classes
+        chart = cards.class_chart(self.summary, repo_path(params.evaluate.out_dir) / current.run_id / "classes.png")
+        for part in cards.prepare_card(self.summary, chart):
+            current.card.append(part)
+        self.next(self.train, foreach="model_names")
+
+    @catch(var="train_error", print_exception=True)
+    @retry(times=1)
+    @resources(cpu=2, memory=8000)
+    @card(type="blank")
+    @step
+    def train(self):
+        """Train one model (a foreach branch: the CNN and the ViT run at the same time)."""
+        from plantml.evaluation import plot_training_curves
+        from plantml.pipeline import repo_path, train_branch
+
+        params = self._params()
+        self.model_name = self.input
+        out_dir = repo_path(params.train.out_dir) / current.run_id / self.model_name
+        result = train_branch(params, self.model_name, self._rows(), self.classes, out_dir,
+                              parallel_branches=len(self.model_names))
+        self.train_result = result.to_dict()
+        self.checkpoint = Path(result.checkpoint_path).read_bytes()
+        curve = plot_training_curves({self.model_name: result.history}, out_dir / "curves.png")
+        for part in cards.train_card(self.train_result, str(curve), self.summary["is_demo"]):
+            current.card.append(part)
+        self.next(self.evaluate)
+
+    def _rows(self):
+        from plantml.data import ManifestRow
+
+        return [ManifestRow(**r) for r in self.manifest]
+
+    @card(type="blank")
+    @step
+    def evaluate(self, inputs):
+        """Test metrics, CNN vs ViT, champion, calibration, robustness; MLflow runs; quality gates."""
+        from plantml.pipeline import enforce_quality_gates, evaluate_models, repo_path
+        from plantml.registry import log_branch_run
+
+        self.merge_artifacts(inputs, include=["params", "manifest", "summary", "classes", "mlflow_parent_run_id",
+                                              "model_names"])
+        params = self._params()
+        self.train_errors = {i.model_name if hasattr(i, "model_name") else i.input: str(i.train_error)
+                             for i in inputs if getattr(i, "train_error", None)}
+        ok = [i for i in inputs if not getattr(i, "train_error", None)]
+        if not ok:
+            raise RuntimeError(f"every training branch failed: {self.train_errors}")
+        ckpt_dir = repo_path(params.train.out_dir) / current.run_id
+        checkpoints = {}
+        for i in ok:
+            path = ckpt_dir / i.model_name / "model.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.is_file():  # e.g. a resumed run, or branches that ran on another machine
+                path.write_bytes(i.checkpoint)
+            checkpoints[i.model_name] = str(path)
+        self.train_results = {i.model_name: i.train_result for i in ok}
+        self.checkpoints = {i.model_name: i.checkpoint for i in ok}
+        report = evaluate_models(params, self.train_results, checkpoints, self._rows(),
+                                 repo_path(params.evaluate.out_dir) / current.run_id, is_demo=self.summary["is_demo"])
+        self.report = report
+        self.champion = report["champion"]
+        self.mlflow_run_ids = {}
+        for name, m in report["models"].items():
+            self.mlflow_run_ids[name] = log_branch_run(
+                self.mlflow_parent_run_id, name,
+                params={"arch": m["arch"], **params.to_dict()["train"]["models"][name],
+                        "image_size": params.train.image_size, "num_params": m["num_params"]},
+                history=self.train_results[name]["history"],
+                metrics={"test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"],
+                         "test_roc_auc_ovr": m["roc_auc_ovr_macro"], "latency_ms": m["latency_ms"],
+                         "ece": m["calibration"]["ece"], "ece_uncalibrated": m["calibration"]["ece_uncalibrated"]},
+                artifacts=list(m["plots"].values()) + [report["plots"]["curves"]],
+                checkpoint_path=checkpoints[name],
+                tags={"metaflow_run_id": current.run_id, "champion": str(name == self.champion),
+                      "demo_data": str(self.summary["is_demo"])},
+                tracking_uri=params.registry.tracking_uri)
+        for part in cards.evaluate_card(report, self.train_errors):
+            current.card.append(part)
+        enforce_quality_gates(params, report)  # fails the run here: nothing exported, nothing registered
+        self.next(self.export)
+
+    @retry(times=1)
+    @card(type="blank")
+    @step
+    def export(self):
+        """Export the champion (ONNX, OpenVINO, INT8 behind its gate), write the bundle, register it."""
+        from plantml.pipeline import export_champion
+        from plantml.registry import register_bundle
+
+        params = self._params()
+        name = self.champion
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = Path(tmp) / "model.pt"
+            ckpt.write_bytes(self.checkpoints[name])
+            path, metadata = export_champion(
+                params, self.report, self.train_results[name], str(ckpt), self._rows(),
+                lineage={"metaflow_flow": current.flow_name, "metaflow_run_id": current.run_id,
+                         "mlflow_run_id": self.mlflow_run_ids[name], "mlflow_parent_run_id": self.mlflow_parent_run_id,
+                         "data_manifest_sha256": self.summary["manifest_sha256"], "data_root": self.summary["root"]})
+        self.bundle_path = str(path)
+        self.bundle_metadata = metadata
+        self.registered = register_bundle(
+            path, model_name=params.registry.model_name, alias=params.registry.alias,
+            run_id=self.mlflow_run_ids[name], tracking_uri=params.registry.tracking_uri,
+            tags={"metaflow_run_id": current.run_id, "architecture": metadata["architecture"],
+                  "bundle_version": metadata["version"], "demo_data": str(self.summary["is_demo"])})
+        for part in cards.export_card(self.bundle_path, metadata, self.registered):
+            current.card.append(part)
+        self.next(self.end)
+
+    @step
+    def end(self):
+        """Record the outcome on the parent MLflow run and print where the bundle is."""
+        from plantml.registry import finish_parent_run
+
+        params = self._params()
+        champ = self.report["models"][self.champion]
+        finish_parent_run(self.mlflow_parent_run_id,
+                          {"champion_test_accuracy": champ["accuracy"], "champion_test_macro_f1": champ["macro_f1"]},
+                          {"champion": self.champion, "bundle_path": self.bundle_path,
+                           "registered_version": self.registered["version"]},
+                          params.registry.tracking_uri)
+        demo = " (SYNTHETIC DEMO DATA: not a real result)" if self.summary["is_demo"] else ""
+        print(f"champion: {self.champion} test accuracy {champ['accuracy']:.4f} macro-F1 {champ['macro_f1']:.4f}{demo}")
+        print(f"registered: {self.registered['model_uri']} (version {self.registered['version']})")
+        print(f"bundle: {self.bundle_path}")
+
+
+if __name__ == "__main__":
+    PlantDiseaseFlow()

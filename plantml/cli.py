@@ -1,0 +1,213 @@
+"""``plantml`` command line: run any pipeline stage alone (for DVC stages and shells).
+
+::
+
+    plantml prepare [--data-dir DIR]            # -> artifacts/prepared/{manifest.csv,summary.json}
+    plantml train --model cnn                   # -> artifacts/train/cnn/{model.pt,history.json,result.json}
+    plantml evaluate                            # -> artifacts/eval/{metrics.json,report.json,plots/}
+    plantml export --out artifacts/bundle       # -> a bundle directory (atomic), optionally registered
+    plantml drift --bundle B --current PATH     # drift report (see docs/drift.md)
+
+Every command takes ``--params FILE`` and repeatable ``--set key=value`` overrides, reads
+the same ``params.yaml`` as the Metaflow flow, and calls the same :mod:`plantml.pipeline`
+functions. Errors are one line on stderr with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from plantml.config import Params, ParamsError, load_params, parse_override
+
+log = logging.getLogger("plantml")
+
+EXIT_ERROR = 2
+EXIT_GATE = 1
+
+
+def _load(args: argparse.Namespace, extra: dict | None = None) -> Params:
+    overrides = dict(parse_override(s) for s in (args.set or []))
+    overrides.update(extra or {})
+    return load_params(args.params, overrides)
+
+
+def _prepared(params: Params):
+    from plantml.data import DatasetSummary, read_manifest
+    from plantml.pipeline import repo_path
+
+    folder = repo_path(params.data.prepared_dir)
+    rows = read_manifest(folder / "manifest.csv")
+    summary = DatasetSummary(**json.loads((folder / "summary.json").read_text()))
+    return rows, summary
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from plantml.pipeline import prepare
+
+    params = _load(args, {"data.data_dir": args.data_dir} if args.data_dir else None)
+    _, summary, manifest = prepare(params, progress=not args.quiet)
+    print(json.dumps({"manifest": str(manifest), "n_images": summary.n_images, "classes": len(summary.classes),
+                      "skipped": summary.n_skipped, "is_demo": summary.is_demo}))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from plantml.pipeline import repo_path, train_branch
+
+    params = _load(args)
+    rows, summary = _prepared(params)
+    names = [args.model] if args.model else list(params.train.models)
+    for name in names:
+        result = train_branch(params, name, rows, summary.classes, repo_path(params.train.out_dir) / name,
+                              parallel_branches=1, progress=not args.quiet)
+        print(json.dumps({"model": name, "best_epoch": result.best_epoch, "val_macro_f1": result.best_val_macro_f1,
+                          "checkpoint": result.checkpoint_path}))
+    return 0
+
+
+def _train_outputs(params: Params) -> tuple[dict, dict]:
+    from plantml.pipeline import repo_path
+
+    results, checkpoints = {}, {}
+    for name in params.train.models:
+        folder = repo_path(params.train.out_dir) / name
+        if not (folder / "result.json").is_file():
+            raise FileNotFoundError(f"no trained model {name!r} in {folder} (run `plantml train --model {name}`)")
+        results[name] = json.loads((folder / "result.json").read_text())
+        checkpoints[name] = str(folder / "model.pt")
+    return results, checkpoints
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from plantml.pipeline import enforce_quality_gates, evaluate_models
+
+    params = _load(args)
+    rows, summary = _prepared(params)
+    results, checkpoints = _train_outputs(params)
+    report = evaluate_models(params, results, checkpoints, rows, params.evaluate.out_dir, is_demo=summary.is_demo,
+                             progress=not args.quiet)
+    champ = report["models"][report["champion"]]
+    print(json.dumps({"champion": report["champion"], "reason": report["champion_reason"],
+                      "accuracy": champ["accuracy"], "macro_f1": champ["macro_f1"]}))
+    enforce_quality_gates(params, report)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from plantml.export import git_commit
+    from plantml.pipeline import export_champion, repo_path
+
+    params = _load(args)
+    rows, summary = _prepared(params)
+    results, checkpoints = _train_outputs(params)
+    report_path = repo_path(params.evaluate.out_dir) / "report.json"
+    if not report_path.is_file():
+        raise FileNotFoundError(f"no evaluation report at {report_path} (run `plantml evaluate`)")
+    report = json.loads(report_path.read_text())
+    name = report["champion"]
+    lineage = {"metaflow_run_id": None, "mlflow_run_id": None, "data_manifest_sha256": summary.manifest_sha256,
+               "data_root": summary.root, "git_commit": git_commit(), "produced_by": "plantml export"}
+    staging = Path(args.out).resolve().parent / f".staging-{os.getpid()}" if args.out else None
+    path, metadata = export_champion(params, report, results[name], checkpoints[name], rows, lineage,
+                                     out_root=staging, progress=not args.quiet)
+    if args.out:
+        path = _replace_dir(path, Path(args.out).resolve())
+        shutil.rmtree(staging, ignore_errors=True)
+    registered = None
+    if args.register:
+        from plantml.registry import register_bundle
+
+        registered = register_bundle(path, model_name=params.registry.model_name, alias=params.registry.alias,
+                                     tracking_uri=params.registry.tracking_uri,
+                                     tags={"architecture": metadata["architecture"], "bundle_version": metadata["version"]})
+    print(json.dumps({"bundle": str(path), "version": metadata["version"], "champion": name,
+                      "registered": registered}))
+    return 0
+
+
+def _replace_dir(src: Path, dst: Path) -> Path:
+    """Move ``src`` to ``dst``, replacing an older ``dst`` with no moment where neither exists."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+    return dst
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from plantml.drift import run_drift_cli
+
+    return run_drift_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plantml", description="plant-leaf disease pipeline stages")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--params", default=None, help="parameter file (default: params.yaml or $PLANTML_PARAMS)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter (repeatable)")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("prepare", help="scan, check and split the data; write the manifest")
+    common(p)
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: data.data_dir, or the DEMO set)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train one model (or all in train.models)")
+    common(p)
+    p.add_argument("--model", default=None, help="a key of train.models (e.g. cnn, vit)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="test metrics, champion, calibration, robustness, quality gates")
+    common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="export the champion to a bundle (ONNX, OpenVINO, INT8)")
+    common(p)
+    p.add_argument("--out", default=None, help="fixed bundle path (replaced atomically); default export.out_dir/NAME-VER")
+    p.add_argument("--register", action="store_true", help="register the bundle in the MLflow model registry")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("drift", help="compare what the service saw with the bundle's reference statistics")
+    try:
+        from plantml.drift import add_drift_arguments
+
+        add_drift_arguments(p)
+    except ImportError as exc:  # the drift extra (evidently) is not installed
+        p.set_defaults(_drift_unavailable=str(exc))
+    p.set_defaults(func=cmd_drift)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``plantml`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from plantml.bundle import BundleError
+    from plantml.data import DataError
+    from plantml.evaluation import QualityGateError
+
+    try:
+        return int(args.func(args) or 0)
+    except QualityGateError as exc:
+        print(f"plantml {args.command}: {exc}", file=sys.stderr)
+        return EXIT_GATE
+    except (ParamsError, DataError, BundleError, FileNotFoundError, ValueError) as exc:
+        print(f"plantml {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

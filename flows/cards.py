@@ -100,10 +100,12 @@ def evaluate_card(report: Mapping[str, Any], train_errors: Mapping[str, str]) ->
     c = champ["calibration"]
     parts.append(Markdown(
         f"## Calibration and abstention (champion)\ntemperature **{c['temperature']:.3f}** fitted on validation; "
-        f"test ECE {c['ece_uncalibrated']:.4f} → **{c['ece']:.4f}**. Abstain threshold **{c['abstain_threshold']:.3f}** "
+        f"test ECE {c['ece_uncalibrated']:.4f} → **{c['ece']:.4f}** (bootstrap 95 % interval "
+        f"{c['ece_ci95'][0]:.3f}–{c['ece_ci95'][1]:.3f} on {c['n_test']} images). Abstain threshold **{c['abstain_threshold']:.3f}** "
         f"(chosen on validation for precision ≥ {c['target_precision']}): test coverage **{c['test_coverage']:.3f}**, "
         f"accuracy on answered **{c['test_accuracy_at_threshold']:.4f}**. Non-leaf images abstained: "
-        f"**{report['non_leaf']['abstain_rate']:.2%}** of {report['non_leaf']['n']}."
+        f"**{report['non_leaf']['abstain_rate']:.0%}** of {report['non_leaf']['n']} generated non-leaf images and "
+        f"**{report['non_leaf']['photo_abstain_rate']:.0%}** of {report['non_leaf']['n_photos']} non-leaf photos."
     ))
     parts += _img(champ["plots"].get("reliability"), "reliability diagram")
     parts += _img(report["plots"].get("coverage"), "coverage vs accuracy")
@@ -141,8 +143,18 @@ def export_card(bundle_path: str, metadata: Mapping[str, Any], registered: Mappi
                            headers=["runtime", "batch 1", "batch 2", "batch 8"]))
     int8 = metadata.get("int8")
     if int8:
-        parts.append(Markdown("## INT8 accuracy gate"))
-        parts.append(Markdown(f"```\n{_pretty(int8)}\n```"))
+        gate = int8.get("gate", {})
+        parts.append(Markdown(f"## INT8 accuracy gate\nan INT8 model is kept only if its test accuracy drops by at most "
+                              f"**{gate.get('max_accuracy_drop')}** against FP32 of the same runtime "
+                              f"({int8.get('calibration_images')} calibration images, {int8.get('eval_images')} test "
+                              f"images). Kept: **{', '.join(int8.get('passed') or []) or 'none'}**."))
+        rows = []
+        for runtime, res in int8.get("results", {}).items():
+            m = metadata["metrics"].get(f"int8_{runtime}", {})
+            rows.append([runtime, "kept" if res.get("kept") else "dropped", res.get("why", ""), _f(m.get("accuracy")),
+                         _f(m.get("accuracy_drop")), _f(res.get("speedup_vs_fp32"), 2),
+                         _f((m.get("size_bytes") or 0) / 1e6, 2)])
+        parts.append(Table(rows, headers=["runtime", "INT8", "why", "accuracy", "drop", "speed-up vs FP32", "MB"]))
     if registered:
         parts.append(Markdown(f"## Registry\nregistered `{registered['name']}` version **{registered['version']}** "
                               f"with alias `@{registered['alias']}` (`{registered['model_uri']}`)."))

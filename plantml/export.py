@@ -9,6 +9,7 @@ AVX-512 BF16 unless told otherwise, so the parity check (and any FP32 claim) use
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import warnings
@@ -18,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from plantml.bundle import SCHEMA_VERSION, BundleWriter
+from plantml.bundle import METADATA_FILE, SCHEMA_VERSION, BundleWriter
 
 log = logging.getLogger(__name__)
 
@@ -251,4 +252,5 @@ def export_bundle(
         for step in extra_steps:
             step(writer, metadata)
         path = writer.commit(metadata)
-    return path, metadata
+    # Return what was written (with the files list and hashes the writer filled in).
+    return path, json.loads((path / METADATA_FILE).read_text())

@@ -164,7 +164,8 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
             "roc": str(plot_roc(y_test, softmax(test_logits), classes, out / "plots" / f"roc_{name}.png",
                                 f"{name} one-vs-rest ROC")),
             "reliability": str(cal.reliability_diagram(softmax(test_logits), softmax(test_logits, calib["temperature"]),
-                                                       y_test, out / "plots" / f"reliability_{name}.png")),
+                                                       y_test, out / "plots" / f"reliability_{name}.png",
+                                                       temperature=calib["temperature"])),
         }
         report["models"][name] = m
         log.info("%s: test accuracy %.4f macro-F1 %.4f latency %.1f ms", name, m["accuracy"], m["macro_f1"],
@@ -195,13 +196,16 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
         [load_image(r.path) for r in train_sub], np.array([classes.index(r.label) for r in train_sub]),
         sub_images, sub_labels, border=params.robustness.background_border, seed=params.data.seed)
     non_leaf = rob.non_leaf_images(n=60, size=max(size, 224), seed=params.data.seed)
+    photos = rob.non_leaf_photos(n=12, size=max(size, 224), seed=params.data.seed)
+    threshold = champ["calibration"]["abstain_threshold"]
     report["non_leaf"] = {
-        "n": len(non_leaf),
-        "abstain_rate": rob.abstain_rate(predict(non_leaf), champ["calibration"]["abstain_threshold"]),
+        "n": len(non_leaf), "abstain_rate": rob.abstain_rate(predict(non_leaf), threshold),
+        "n_photos": len(photos), "photo_abstain_rate": rob.abstain_rate(predict(photos), threshold),
     }
     report["plots"]["coverage"] = str(cal.coverage_accuracy_plot(
         cal.coverage_accuracy_curve(softmax(test_logits_of[champion], champ["calibration"]["temperature"]), y_test),
-        champ["calibration"]["abstain_threshold"], out / "plots" / "coverage_accuracy.png"))
+        champ["calibration"]["abstain_threshold"], out / "plots" / "coverage_accuracy.png",
+        target_precision=params.calibration.target_precision))
 
     (out / "metrics.json").write_text(json.dumps(_dvc_metrics(report), indent=2))
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))

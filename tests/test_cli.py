@@ -1,0 +1,67 @@
+"""The `plantml` CLI: bad input gives one line naming the problem and a non-zero exit, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT, make_leaf_image
+
+
+def run_cli(*args, env_extra=None, cwd=None):
+    import os
+
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "plantml.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO_ROOT, env=env, timeout=300)
+
+
+def _assert_one_line_error(proc, needle):
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert needle in last, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_data_dir(tmp_path):
+    proc = run_cli("prepare", "--data-dir", str(tmp_path / "missing"), "--set",
+                   f"data.prepared_dir={tmp_path / 'prep'}")
+    _assert_one_line_error(proc, "data directory not found")
+    assert not (tmp_path / "prep").exists()
+
+
+def test_single_class_folder(tmp_path):
+    (tmp_path / "data" / "OnlyClass").mkdir(parents=True)
+    for i in range(4):
+        make_leaf_image((10, 100, 10), seed=i).save(tmp_path / "data" / "OnlyClass" / f"{i}.png")
+    proc = run_cli("prepare", "--data-dir", str(tmp_path / "data"), "--set", f"data.prepared_dir={tmp_path / 'prep'}")
+    _assert_one_line_error(proc, "need at least 2 class folders")
+
+
+def test_unknown_parameter_key():
+    proc = run_cli("prepare", "--set", "train.epoch=3")
+    _assert_one_line_error(proc, "unknown parameter train.epoch")
+
+
+def test_train_without_prepare(tmp_path):
+    proc = run_cli("train", "--set", f"data.prepared_dir={tmp_path}")
+    _assert_one_line_error(proc, "manifest not found")
+
+
+def test_prepare_reports_skips(tiny_dataset, tmp_path):
+    import json
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    (data / "Tomato___healthy" / "junk.jpg").write_bytes(b"not a jpeg")
+    proc = run_cli("prepare", "-q", "--data-dir", str(data), "--set", f"data.prepared_dir={tmp_path / 'prep'}")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["skipped"] == 1 and out["n_images"] == 60 and out["is_demo"] is False
+    assert "skipped 1 unreadable" in proc.stderr
+
+
+@pytest.mark.parametrize("cmd", ["prepare", "train", "evaluate", "export", "drift"])
+def test_help(cmd):
+    assert run_cli(cmd, "--help").returncode == 0

@@ -1,0 +1,101 @@
+"""The whole PlantDiseaseFlow on tiny data, as a user runs it (subprocess), including `resume`.
+
+The first run fails in `export` (its output folder is blocked by a file, as when a disk
+or mount is broken); after the cause is removed, `resume` re-runs only `export` and `end`
+and finishes. Everything (Metaflow datastore, MLflow store, artefacts) lives in tmp_path.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+
+CHECK = r"""
+import json, sys
+from metaflow import Flow, namespace
+from metaflow.cards import get_cards
+namespace(None)
+run = Flow("PlantDiseaseFlow")[sys.argv[1]]
+train = list(run["train"].tasks())
+out = {
+  "successful": run.successful,
+  "bundle_path": run.data.bundle_path,
+  "registered": run.data.registered,
+  "champion": run.data.champion,
+  "train_windows": [[t.created_at.timestamp(), t.finished_at.timestamp()] for t in train],
+  "cards": {s: len(get_cards(list(run[s].tasks())[0])) for s in ("prepare", "train", "evaluate", "export")},
+  "eval_card_html": get_cards(list(run["evaluate"].tasks())[0])[0].get()[:2000000],
+}
+print(json.dumps(out))
+"""
+
+
+def _run(args, env, timeout=900):
+    return subprocess.run([sys.executable, "flows/train_flow.py", *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_flow_end_to_end_and_resume(tiny_dataset, tmp_path):
+    env = {**os.environ, "METAFLOW_USER": "flowtest", "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "mf"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONWARNINGS": "ignore"}
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where the bundle folder should go")
+    overrides = " ".join([
+        "train.epochs=2", "train.image_size=32", "train.batch_size=8",
+        "train.models.cnn.arch=tiny_cnn", "train.models.cnn.lr=0.03", "train.models.vit.arch=hybrid_vit_tiny",
+        "evaluate.min_macro_f1=0.0", "evaluate.min_accuracy=0.0", "robustness.max_images=12",
+        "export.int8.calibration_images=12",
+        f"data.prepared_dir={tmp_path / 'prepared'}", f"train.out_dir={tmp_path / 'train'}",
+        f"evaluate.out_dir={tmp_path / 'eval'}", f"export.out_dir={blocker / 'bundles'}",
+        "registry.model_name=flowtest-model",
+    ])
+    first = _run(["run", "--data-dir", str(tiny_dataset), "--set", overrides,
+                  "--run-id-file", str(tmp_path / "run1")], env)
+    assert first.returncode != 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "Step export" in (first.stdout + first.stderr) or "export" in first.stderr
+    run1 = (tmp_path / "run1").read_text().strip()
+
+    blocker.unlink()  # the broken mount is fixed
+    second = _run(["resume", "--origin-run-id", run1, "--run-id-file", str(tmp_path / "run2")], env)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "bundle:" in second.stdout + second.stderr
+    run2 = (tmp_path / "run2").read_text().strip()
+
+    check = subprocess.run([sys.executable, "-c", CHECK, run2], cwd=REPO_ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert check.returncode == 0, check.stderr[-3000:]
+    info = json.loads(check.stdout.strip().splitlines()[-1])
+    assert info["successful"]
+    # The CNN and ViT branches overlap in time (they run in parallel).
+    (s1, f1), (s2, f2) = info["train_windows"]
+    assert max(s1, s2) < min(f1, f2)
+    assert all(n >= 1 for n in info["cards"].values())
+    assert "Champion" in info["eval_card_html"]
+
+    from plantml.bundle import load_bundle
+
+    bundle = load_bundle(info["bundle_path"])
+    assert bundle.metadata["lineage"]["metaflow_run_id"] == run2
+    assert bundle.metadata["lineage"]["data_manifest_sha256"]
+    assert ("onnxruntime", "fp32") in bundle.available() and ("openvino", "fp32") in bundle.available()
+    assert bundle.metadata["parity"]["max_abs_diff"]["onnxruntime_fp32"]["max"] <= 1e-4
+    assert 0 < bundle.temperature and 0 <= bundle.abstain_threshold <= 1
+
+    from mlflow import MlflowClient
+
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    try:
+        mv = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_model_version_by_alias("flowtest-model", "champion")
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    assert mv.tags["metaflow_run_id"] == run2
+    children = MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
+        [mv.run_id and MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(mv.run_id).info.experiment_id],
+        filter_string="tags.mlflow.parentRunId != ''")
+    assert {r.info.run_name for r in children} >= {"cnn", "vit"}

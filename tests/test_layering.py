@@ -1,0 +1,41 @@
+"""The one-way data flow of DESIGN.md, checked on the source and at import time."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+TRAINING_ONLY = {"torch", "torchvision", "timm", "metaflow", "lightning"}
+WEB_AND_ORCHESTRATION = {"metaflow", "flask", "gunicorn"}
+
+
+def imported_roots(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize("package,forbidden", [
+    ("serving", TRAINING_ONLY), ("edge", TRAINING_ONLY), ("plantml", WEB_AND_ORCHESTRATION),
+])
+def test_no_forbidden_imports(package, forbidden):
+    offenders = {str(p.relative_to(REPO_ROOT)): sorted(imported_roots(p) & forbidden)
+                 for p in (REPO_ROOT / package).rglob("*.py") if imported_roots(p) & forbidden}
+    assert not offenders, f"{package} must not import {sorted(forbidden)}: {offenders}"
+
+
+def test_torch_free_modules_do_not_pull_torch():
+    """Importing what serving and edge share must not import torch at run time either."""
+    code = ("import sys; import plantml, plantml.config, plantml.bundle, plantml.preprocess, plantml.imagestats;"
+            "bad=[m for m in ('torch','timm','metaflow','mlflow') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,184 @@
+"""Scale-out: the training flow compiles to an Argo Workflows ``WorkflowTemplate``.
+
+``argo-workflows create --only-json`` does everything but submit: it uploads the code
+package to the S3 datastore and prints the template, so no cluster is needed. The S3
+datastore here is moto's S3 server on a loopback port (dummy credentials). The test
+checks what a cluster would run: every step of the flow, on the configured image,
+namespace, service account and secret, with each step's ``@resources``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parent.parent
+FLOW = REPO / "flows" / "train_flow.py"
+BUCKET = "plantml-ci"
+SETTINGS = {
+    "METAFLOW_KUBERNETES_NAMESPACE": "plantml-train",
+    "METAFLOW_KUBERNETES_CONTAINER_IMAGE": "ghcr.io/plantml/plantml-train:test",
+    "METAFLOW_KUBERNETES_SERVICE_ACCOUNT": "plantml-train",
+    "METAFLOW_KUBERNETES_SECRETS": "plantml-train-env",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on loopback with one bucket; yields (endpoint, boto3 client)."""
+    pytest.importorskip("moto", reason="moto not installed (pip install moto): Argo compile test skipped")
+    boto3 = pytest.importorskip("boto3")
+    tmp = tmp_path_factory.mktemp("moto")
+    port = _free_port()
+    log = open(tmp / "moto.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], cwd=tmp,
+                            stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                          region_name="us-east-1")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.create_bucket(Bucket=BUCKET)
+                break
+            except Exception:  # noqa: BLE001 - server still starting
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto S3 server did not start:\n{(tmp / 'moto.log').read_text()[-2000:]}")
+                time.sleep(0.3)
+        yield endpoint, client
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def _env(tmp: Path, endpoint: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("METAFLOW_", "AWS_", "MLFLOW_"))}
+    env.update(SETTINGS)
+    env.update({
+        "METAFLOW_HOME": str(tmp),  # no user ~/.metaflowconfig
+        "METAFLOW_USER": "ci",
+        "USER": env.get("USER", "ci"),
+        "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+        "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{BUCKET}/metaflow",
+    })
+    if endpoint:
+        env["METAFLOW_S3_ENDPOINT_URL"] = endpoint
+    return env
+
+
+def _compile(tmp: Path, endpoint: str | None, datastore: str = "s3") -> subprocess.CompletedProcess:
+    if not FLOW.exists():
+        pytest.skip("flows/train_flow.py not written yet")
+    pytest.importorskip("kubernetes", reason="the kubernetes package (<35) is needed by argo-workflows create")
+    # cwd=tmp: Metaflow writes its local .metaflow folder into the working directory.
+    return subprocess.run([sys.executable, str(FLOW), f"--datastore={datastore}", "argo-workflows", "create",
+                           "--only-json"], cwd=tmp, env=_env(tmp, endpoint), capture_output=True, text=True,
+                          timeout=180)
+
+
+@pytest.fixture(scope="module")
+def template(s3, tmp_path_factory) -> dict:
+    endpoint, _ = s3
+    out = _compile(tmp_path_factory.mktemp("argo"), endpoint)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout[out.stdout.index("{"):])
+
+
+def flow_steps() -> dict[str, dict[str, float]]:
+    """Step names of the flow and the ``@resources`` of each (parsed from its source)."""
+    src = FLOW.read_text()
+    steps = {}
+    for m in re.finditer(r"((?:^[ \t]*@.*\n)+)[ \t]*def (\w+)\(self", src, flags=re.M):
+        decorators, name = m.group(1), m.group(2)
+        if not re.search(r"^\s*@step\b", decorators, flags=re.M):
+            continue
+        res = re.search(r"@resources\(([^)]*)\)", decorators)
+        kwargs = dict(re.findall(r"(\w+)\s*=\s*([0-9.]+)", res.group(1))) if res else {}
+        steps[name] = {k: float(v) for k, v in kwargs.items()}
+    return steps
+
+
+def _containers(template: dict) -> dict[str, dict]:
+    return {t["name"]: t for t in template["spec"]["templates"] if "container" in t}
+
+
+def _memory_mb(value: str) -> float:
+    m = re.fullmatch(r"([0-9.]+)(M|Mi|G|Gi)", value)
+    assert m, value
+    factor = {"M": 1, "Mi": 1.048576, "G": 1000, "Gi": 1073.741824}[m.group(2)]
+    return float(m.group(1)) * factor
+
+
+def test_flow_compiles_to_a_workflow_template(template):
+    assert template["apiVersion"] == "argoproj.io/v1alpha1"
+    assert template["kind"] == "WorkflowTemplate"
+    assert template["metadata"]["namespace"] == SETTINGS["METAFLOW_KUBERNETES_NAMESPACE"]
+    assert template["metadata"]["name"] == "plantdiseaseflow"
+
+
+def test_every_step_is_a_task_on_the_configured_image_and_identity(template):
+    steps = flow_steps()
+    assert {"start", "prepare", "train", "evaluate", "export", "end"} <= set(steps)
+    containers = _containers(template)
+    assert set(steps) <= set(containers), f"steps without a pod template: {set(steps) - set(containers)}"
+    dag_tasks = {t["template"] for tpl in template["spec"]["templates"] if "dag" in tpl for t in tpl["dag"]["tasks"]}
+    assert set(steps) - {"train"} <= dag_tasks  # train runs inside the foreach sub-DAG
+    for name in steps:
+        tpl = containers[name]
+        c = tpl["container"]
+        assert c["image"] == SETTINGS["METAFLOW_KUBERNETES_CONTAINER_IMAGE"], name
+        assert tpl["serviceAccountName"] == SETTINGS["METAFLOW_KUBERNETES_SERVICE_ACCOUNT"], name
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["METAFLOW_DEFAULT_DATASTORE"] == "s3"
+        assert env["METAFLOW_DATASTORE_SYSROOT_S3"] == f"s3://{BUCKET}/metaflow"
+        secrets = [e["secretRef"]["name"] for e in c.get("envFrom") or [] if e.get("secretRef")]
+        assert SETTINGS["METAFLOW_KUBERNETES_SECRETS"] in secrets, f"{name}: secret not mounted"
+
+
+def test_resources_decorators_become_pod_requests(template):
+    containers = _containers(template)
+    declared = {name: res for name, res in flow_steps().items() if res}
+    assert "train" in declared, "the train step should declare @resources for remote runs"
+    for name, res in declared.items():
+        requests = containers[name]["container"]["resources"]["requests"]
+        if "cpu" in res:
+            assert float(requests["cpu"]) == res["cpu"], name
+        if "memory" in res:
+            assert _memory_mb(requests["memory"]) == pytest.approx(res["memory"]), name
+
+
+def test_code_package_is_in_the_s3_datastore(template, s3):
+    _, client = s3
+    env = {e["name"]: e.get("value") for e in _containers(template)["start"]["container"]["env"]}
+    url = env["METAFLOW_CODE_URL"]
+    bucket, key = url.removeprefix("s3://").split("/", 1)
+    assert bucket == BUCKET
+    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    names = set(tarfile.open(fileobj=io.BytesIO(body)).getnames())
+    assert {"train_flow.py", "cards.py"} <= names
+
+
+def test_a_local_datastore_is_refused_with_a_clear_message(tmp_path):
+    out = _compile(tmp_path, None, datastore="local")
+    assert out.returncode != 0
+    assert "requires --datastore=s3" in out.stdout + out.stderr

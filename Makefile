@@ -34,7 +34,7 @@ test-integration: $(STAMP)
 	$(PY) -m pytest -q -m integration
 
 lint: $(STAMP)
-	$(PY) -m flake8 plantml serving edge flows tests benchmarks
+	$(PY) -m flake8 plantml serving edge flows tests benchmarks k8s
 
 clean:  ## remove generated artefacts (keeps .venv)
 	rm -rf artifacts .metaflow mlruns mlartifacts mlflow.db data/demo reports

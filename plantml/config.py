@@ -53,6 +53,7 @@ class ModelParams:
     arch: str = "efficientnet_lite0"
     lr: float = 1e-3
     epochs: int | None = None
+    frozen_blocks: int = 0
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from plantml.config import ModelParams, TrainParams
-from plantml.models import create_model, input_normalization
+from plantml.models import create_model, freeze_stages, input_normalization, keep_frozen_in_eval
 from plantml.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class TrainResult:
     threads: int = 1
     device: str = "cpu"
     num_params: int = 0
+    frozen_params: int = 0
     checkpoint_path: str = ""
     started_at: float = 0.0
     finished_at: float = 0.0
@@ -190,7 +191,10 @@ def train_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    model = create_model(model_params.arch, num_classes=len(classes), pretrained=True, image_size=size).to(device)
+    model = create_model(model_params.arch, num_classes=len(classes), pretrained=True, image_size=size)
+    frozen = freeze_stages(model, model_params.frozen_blocks)
+    # channels_last roughly halves a CPU training step of these depthwise-conv trunks (oneDNN kernels).
+    model = model.to(device=device, memory_format=torch.channels_last)
     epochs = model_params.epochs or train_params.epochs
     x_train, y_train = train_data
     x_val, y_val = val_data
@@ -205,7 +209,7 @@ def train_model(
     result = TrainResult(
         name=name, arch=model_params.arch, classes=list(classes), image_size=size, mean=list(spec.mean),
         std=list(spec.std), threads=threads, device=device, num_params=sum(p.numel() for p in model.parameters()),
-        started_at=time.time(),
+        frozen_params=frozen, started_at=time.time(),
     )
     best_state: dict[str, Any] | None = None
     best_key = (-1.0, -math.inf)
@@ -214,6 +218,7 @@ def train_model(
     for epoch in bar:
         t0 = time.time()
         model.train()
+        keep_frozen_in_eval(model)
         order = rng.permutation(len(x_train))
         losses, correct, seen = [], 0, 0
         for start in range(0, len(order), bs):
@@ -221,7 +226,7 @@ def train_model(
             if len(idx) < 2:  # BatchNorm cannot train on a batch of one
                 continue
             batch = np.stack([augment(image=x_train[i])["image"] for i in idx])
-            x = torch.from_numpy(normalize_batch(batch, spec)).to(device)
+            x = torch.from_numpy(normalize_batch(batch, spec)).to(device, memory_format=torch.channels_last)
             y = torch.from_numpy(y_train[idx]).to(device)
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=train_params.label_smoothing)
@@ -253,7 +258,7 @@ def train_model(
         key = (row["val_macro_f1"], -val_loss)
         if key > best_key:
             best_key, bad_epochs = key, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
             result.best_epoch = epoch
             result.best_val_macro_f1 = row["val_macro_f1"]
             result.best_val_accuracy = row["val_accuracy"]

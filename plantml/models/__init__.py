@@ -68,6 +68,46 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, image_siz
     return _REGISTRY[name](num_classes=num_classes, pretrained=pretrained, image_size=image_size)
 
 
+def early_stages(model: Any) -> list[Any]:
+    """The stem and blocks of the EfficientNet-Lite0 trunk, in order (CNN or hybrid-ViT embedding)."""
+    trunk = getattr(getattr(model, "patch_embed", None), "backbone", None)
+    if trunk is not None:  # hybrid ViT: Sequential(conv_stem, bn1, block0, block1, ...)
+        children = list(trunk.children())
+        return [children[0], children[1]] + children[2:]
+    if hasattr(model, "conv_stem") and hasattr(model, "blocks"):
+        return [model.conv_stem, model.bn1] + list(model.blocks.children())
+    return []
+
+
+def freeze_stages(model: Any, n_blocks: int) -> int:
+    """Freeze the stem and the first ``n_blocks`` pretrained blocks (weights and BatchNorm statistics).
+
+    Early layers compute generic edges and textures that ImageNet already taught; on a CPU,
+    not back-propagating through the high-resolution early layers halves a training step.
+    Call :func:`keep_frozen_in_eval` after every ``model.train()``.
+
+    Returns:
+        The number of parameters frozen.
+    """
+    if n_blocks <= 0:
+        return 0
+    modules = early_stages(model)[: 2 + n_blocks]
+    frozen = 0
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(False)
+            frozen += p.numel()
+        module._plantml_frozen = True
+    return frozen
+
+
+def keep_frozen_in_eval(model: Any) -> None:
+    """Put frozen modules back in eval mode (their BatchNorm keeps the pretrained statistics)."""
+    for module in model.modules():
+        if getattr(module, "_plantml_frozen", False):
+            module.eval()
+
+
 def input_normalization(name: str) -> dict[str, tuple[float, float, float]]:
     """Mean/std the architecture's pretrained weights expect."""
     return dict(IMAGENET_LITE_NORM)

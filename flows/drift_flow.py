@@ -35,6 +35,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
 import tempfile
 from pathlib import Path
 
@@ -80,7 +81,8 @@ class DriftFlow(FlowSpec):
         params = DriftParams(**self.drift_params)
         with tempfile.TemporaryDirectory(prefix="plantml-drift-") as tmp:
             html_path, json_path = Path(tmp) / "drift_report.html", Path(tmp) / "drift_report.json"
-            self.summary = drift.analyse(self.bundle, self.current, params, report_html=html_path, report_json=json_path)
+            self.summary = drift.analyse(self.bundle, self.current, params,
+                                         report_html=html_path, report_json=json_path)
             conclusive = self.summary["status"] == "ok"
             self.report_html = html_path.read_text() if conclusive else None
             self.report_json = json.loads(json_path.read_text()) if conclusive else None
@@ -146,11 +148,14 @@ class DriftFlow(FlowSpec):
         current.card.append(Table(rows, headers=["column", "method", "score", "threshold", "drifted"]))
         current.card.append(Image.from_matplotlib(_scores_figure(s["columns"]), label="per-column drift scores"))
         if self.report_html and len(self.report_html.encode()) <= MAX_EMBEDDED_REPORT_BYTES:
-            # The report carries its own scripts: an iframe's srcdoc runs them in their own document.
+            # The report carries its own scripts: an iframe's srcdoc runs them in their own
+            # document. Newlines are escaped too, so that the Markdown renderer sees one raw
+            # HTML line (a blank line would end its HTML block and print the rest as text).
+            srcdoc = html.escape(self.report_html, quote=True).replace("\r", "&#13;").replace("\n", "&#10;")
             current.card.append(Markdown("## Evidently report"))
             current.card.append(Markdown(
-                f'<iframe title="Evidently drift report" style="width:100%;height:1200px;border:0" '
-                f'srcdoc="{html.escape(self.report_html, quote=True)}"></iframe>'
+                f'<iframe title="Evidently drift report" style="width:100%;height:1400px;border:0" '
+                f'srcdoc="{srcdoc}"></iframe>'
             ))
         else:
             current.card.append(Markdown("The Evidently report is in the MLflow run (artifact `drift/`)."))
@@ -159,26 +164,38 @@ class DriftFlow(FlowSpec):
     def end(self):
         """Print the summary line."""
         s = self.summary
-        print(json.dumps({k: s.get(k) for k in ("status", "drift_detected", "drift_share", "n_current",
-                                               "retrain_recommended", "bundle_version")}))
+        keys = ("status", "drift_detected", "drift_share", "n_current", "retrain_recommended", "bundle_version")
+        print(json.dumps({k: s.get(k) for k in keys}))
 
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{float(value):.4g}"
 
 
+def _strength(value, method) -> float:
+    """-log10(p) for statistical tests (bigger = stronger drift), the distance otherwise."""
+    if value is None:
+        return 0.0
+    value = float(value)
+    return -math.log10(max(value, 1e-300)) if "p_value" in str(method) else value
+
+
 def _scores_figure(columns: dict):
-    """Bar chart of per-column scores, drifted columns in red (pre-rendered: cards time out)."""
+    """Drift strength per column with its threshold, drifted columns in red (pre-rendered: cards time out)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = sorted(columns)
-    fig, ax = plt.subplots(figsize=(8, 0.28 * len(names) + 1))
-    scores = [columns[n]["score"] or 0.0 for n in names]
-    ax.barh(names, scores, color=["#d62728" if columns[n]["drifted"] else "#2ca02c" for n in names])
-    ax.set_xlabel("score (p-value for statistical tests, distance otherwise)")
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(names) + 1.2))
+    strength = [_strength(columns[n]["score"], columns[n]["method"]) for n in names]
+    limits = [_strength(columns[n]["threshold"], columns[n]["method"]) for n in names]
+    ax.barh(names, strength, color=["#d62728" if columns[n]["drifted"] else "#2ca02c" for n in names])
+    ax.scatter(limits, names, marker="|", s=200, color="black", label="threshold", zorder=3)
+    ax.set_xscale("symlog", linthresh=2)
+    ax.set_xlabel("drift strength: -log10(p) for statistical tests, distance otherwise")
+    ax.legend(loc="lower right")
     ax.invert_yaxis()
     fig.tight_layout()
     plt.close(fig)

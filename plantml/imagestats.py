@@ -3,7 +3,12 @@
 The same function runs at evaluation time (the reference, stored in the bundle) and in
 the serving path (the drift feed), so the two sides are comparable column by column.
 Statistics are computed on a 128-px thumbnail: drift needs distributions, not detail,
-and this keeps the cost per request well under a millisecond or two.
+and this keeps the cost per request to a few milliseconds (median 5.2 ms for a 256x256
+PlantVillage photo on the shared 2-core x86-64 VM, no GPU, under load from other jobs).
+
+The function name and the output keys are a contract: serving logs them per request and
+bundles store them as the drift reference; changing a formula invalidates every stored
+reference.
 """
 
 from __future__ import annotations

@@ -314,12 +314,11 @@ def export_champion(params: Params, report: Mapping[str, Any], train_result: Map
     if params.export.int8.enabled:
         steps.append(int8_export_step(normalize_batch(x_calib, spec), test_nchw, y_test,
                                       params.export.int8.max_accuracy_drop, threads=available_cores()))
-    from PIL import Image
-
     test_logits = _logits(model, test_nchw)
     probs = softmax(test_logits, calib["temperature"])
-    steps.append(reference_stats_step([Image.fromarray(x) for x in x_test], [classes[i] for i in probs.argmax(1)],
-                                      probs.max(1)))
+    # The reference is computed on the original files, as the service sees uploads (not the resized inputs).
+    steps.append(reference_stats_step([r.path for r in test_rows], [classes[i] for i in probs.argmax(1)], probs.max(1),
+                                      embeddings=test_logits, embedding_source="logits"))
     out = repo_path(out_root or params.export.out_dir)
     path, metadata = export_bundle(
         model, out_root=out, name=params.export.name, architecture=train_result["arch"], classes=classes,

@@ -1,0 +1,340 @@
+"""Edge benchmark: torch eager vs ONNX Runtime vs OpenVINO, FP32 vs INT8, one thread, batch 1.
+
+Measures, in one run on one machine, for the bundle's input size:
+
+* torch eager FP32 (the same architecture built with ``plantml.models.create_model``;
+  latency does not depend on the weight values, and its accuracy equals ONNX FP32 up to the
+  bundle's parity check, so it is not re-measured);
+* ONNX Runtime FP32 / INT8 and OpenVINO FP32 (``INFERENCE_PRECISION_HINT=f32`` and the
+  plugin default, labelled) / INT8, each loaded through :class:`edge.runtime.EdgeModel`
+  (the product code path): median and p95 latency, model file size, test accuracy and
+  macro-F1 on labelled images;
+* peak RSS and cold start (process start to first prediction printed) of
+  ``plantml-edge predict`` on one image, as a fresh process per run (``/usr/bin/time -v``),
+  for the Python entry point and, with ``--binary``, the single-file binary.
+
+Labelled images: every image under ``--data-dir/<class>/`` whose class is in the bundle, or,
+with ``--manifest CSV`` (columns ``path,label,split``), only the rows with ``split == "test"``.
+
+Usage::
+
+    python benchmarks/edge_bench.py --bundle artifacts/bundles/latest \\
+        --data-dir ../shared/data/plantvillage-mini --manifest artifacts/prepared/manifest.csv \\
+        --binary dist/plantml-edge --json reports/edge_bench.json --markdown reports/edge_bench.md
+
+Prints a markdown table; ``--json`` also writes every figure as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from plantml.bundle import Bundle, load_bundle  # noqa: E402
+from plantml.preprocess import IMAGE_EXTENSIONS, load_image, preprocess_batch  # noqa: E402
+from plantml.quantize import macro_f1  # noqa: E402
+
+log = logging.getLogger("edge_bench")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def labelled_images(bundle: Bundle, data_dir: Path, manifest: Path | None) -> list[tuple[Path, int]]:
+    """``(path, class index)`` of the evaluation images (test split when a manifest is given)."""
+    index = {c: i for i, c in enumerate(bundle.classes)}
+    items: list[tuple[Path, int]] = []
+    if manifest is not None:
+        with open(manifest, newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row.get("split") == "test" and row["label"] in index:
+                    p = Path(row["path"])
+                    # Manifest paths may be absolute, relative to the cwd, or relative to --data-dir.
+                    if not p.is_absolute() and not p.exists():
+                        p = data_dir / p
+                    items.append((p, index[row["label"]]))
+    else:
+        for class_dir in sorted(p for p in data_dir.iterdir() if p.is_dir() and p.name in index):
+            items += [(p, index[class_dir.name]) for p in sorted(class_dir.rglob("*"))
+                      if p.suffix.lower() in IMAGE_EXTENSIONS]
+    return items
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_runner(fn: Callable[[np.ndarray], Any], x: np.ndarray, runs: int, warmup: int) -> dict[str, float]:
+    """Median/p95/mean latency (ms) of ``fn(x)``."""
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return {
+        "median_ms": float(np.median(times)),
+        "p95_ms": float(np.percentile(times, 95)),
+        "mean_ms": float(np.mean(times)),
+        "min_ms": float(np.min(times)),
+        "runs": runs,
+    }
+
+
+def accuracy(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray, batch: int = 16) -> dict[str, float]:
+    pred = np.concatenate([np.argmax(fn(x[i:i + batch]), axis=-1) for i in range(0, len(x), batch)])
+    return {"accuracy": float(np.mean(pred == y)), "macro_f1": macro_f1(y, pred), "n": int(len(y))}
+
+
+def model_bytes(bundle: Bundle, runtime: str, precision: str) -> int:
+    """Bytes of every file (model + weights) of one runtime/precision."""
+    return int(sum(f["bytes"] for f in bundle.metadata["files"]
+                   if f["runtime"] == runtime and f["precision"] == precision))
+
+
+def torch_eager(bundle: Bundle, arch: str, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+
+    from plantml.models import create_model
+
+    torch.set_num_threads(threads)
+    model = create_model(arch, len(bundle.classes), pretrained=False, image_size=bundle.input_spec.size).eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+# --------------------------------------------------------------------------- cold start / RSS
+
+
+def cold_start(cmd: list[str], repeats: int) -> dict[str, Any]:
+    """Median wall time and peak RSS of a fresh ``plantml-edge predict`` process."""
+    walls, rss = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, timeout=300)
+        walls.append(time.perf_counter() - t0)
+        if proc.returncode != 0:
+            return {"error": proc.stderr.strip().splitlines()[-1:] or proc.returncode}
+        m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+        rss.append(int(m.group(1)) / 1024 if m else float("nan"))
+    return {"cold_start_s": statistics.median(walls), "peak_rss_mb": statistics.median(rss),
+            "cold_start_s_all": walls, "peak_rss_mb_all": rss, "repeats": repeats}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from edge.runtime import EdgeModel, runtime_installed
+
+    bundle = load_bundle(args.bundle)
+    arch = args.arch or bundle.metadata["architecture"]
+    size = bundle.input_spec.size
+    items = labelled_images(bundle, args.data_dir, args.manifest)
+    if args.max_images:
+        items = items[:args.max_images]
+    if not items:
+        raise SystemExit(f"no labelled images of the bundle's classes under {args.data_dir}")
+    images = [load_image(p) for p, _ in tqdm(items, desc="load images", unit="img")]
+    x = preprocess_batch(images, bundle.input_spec)
+    y = np.array([label for _, label in items])
+    one = x[:1]
+    log.info("%d labelled images, input %dx%d, %d thread(s)", len(x), size, size, args.threads)
+
+    rows: list[dict[str, Any]] = []
+    if not args.skip_torch:
+        fn = torch_eager(bundle, arch, args.threads)
+        parity = bundle.metadata.get("parity", {}).get("max_abs_diff", {}).get("onnxruntime_fp32", {}).get("max")
+        rows.append({"name": "torch eager", "runtime": "torch", "precision": "fp32", "hint": None,
+                     **time_runner(fn, one, args.runs, args.warmup),
+                     "size_bytes": model_bytes(bundle, "onnxruntime", "fp32"),
+                     "accuracy": None, "macro_f1": None,
+                     "note": f"accuracy = ONNX Runtime FP32 (export parity max abs logit diff {parity})"})
+    combos = [("onnxruntime", "fp32", True), ("onnxruntime", "int8", True),
+              ("openvino", "fp32", True), ("openvino", "fp32", False),
+              ("openvino", "int8", True), ("openvino", "int8", False)]
+    for runtime, precision, f32 in combos:
+        hint = ("f32" if f32 else "default") if runtime == "openvino" else None
+        name = f"{runtime} {precision}" + (f" ({hint} hint)" if hint else "")
+        if (runtime, precision) not in bundle.available() or not runtime_installed(runtime):
+            gate = bundle.metadata.get("int8", {}).get("results", {}).get(runtime, {})
+            rows.append({"name": name, "runtime": runtime, "precision": precision, "hint": hint, "missing": True,
+                         "note": gate.get("why", "not in bundle / runtime not installed")})
+            continue
+        model = EdgeModel(bundle.root, runtime=runtime, precision=precision, threads=args.threads, openvino_f32=f32)
+        row = {"name": name, "runtime": runtime, "precision": precision, "hint": hint,
+               **time_runner(model.logits, one, args.runs, args.warmup),
+               "size_bytes": model_bytes(bundle, runtime, precision),
+               **accuracy(model.logits, x, y)}
+        rows.append(row)
+        log.info("%s: median %.2f ms, acc %.4f", name, row["median_ms"], row["accuracy"])
+
+    torch_ms = next((r["median_ms"] for r in rows if r["runtime"] == "torch"), None)
+    fp32_acc = {r["runtime"]: r["accuracy"] for r in rows if r["precision"] == "fp32" and r.get("hint") in (None, "f32")
+                and r["runtime"] != "torch" and "accuracy" in r}
+    fp32_size = model_bytes(bundle, "onnxruntime", "fp32")
+    for r in rows:
+        if r.get("missing"):
+            continue
+        r["speedup_vs_torch"] = torch_ms / r["median_ms"] if torch_ms else None
+        r["size_vs_onnx_fp32"] = r["size_bytes"] / fp32_size
+        if r["precision"] == "int8" and r.get("accuracy") is not None:
+            r["accuracy_drop_pt"] = (fp32_acc[r["runtime"]] - r["accuracy"]) * 100
+
+    int8 = [r for r in rows if r["precision"] == "int8" and not r.get("missing")]
+    best = min(int8, key=lambda r: r["median_ms"]) if int8 else None
+    goals = None
+    if best is not None and torch_ms:
+        goals = {
+            "best_int8": best["name"],
+            "speedup_vs_torch": best["speedup_vs_torch"], "speedup_goal": 8.0,
+            "accuracy_drop_pt": best.get("accuracy_drop_pt"), "accuracy_drop_goal_pt": 1.0,
+            "size_ratio": best["size_vs_onnx_fp32"], "size_ratio_goal": 1 / 3,
+        }
+        goals["met"] = bool(best["speedup_vs_torch"] >= 8.0 and best["accuracy_drop_pt"] <= 1.0
+                            and best["size_vs_onnx_fp32"] <= 1 / 3)
+
+    image = items[0][0]
+    process: list[dict[str, Any]] = []
+    if not args.skip_process:
+        entries = [("python -m edge", [sys.executable, "-m", "edge"])]
+        for binary in args.binary:
+            entries.append((f"binary {Path(binary).name}", [str(Path(binary).resolve())]))
+        for label, prefix in entries:
+            for runtime, precision in [("onnxruntime", "int8"), ("onnxruntime", "fp32"),
+                                       ("openvino", "int8"), ("openvino", "fp32")]:
+                if (runtime, precision) not in bundle.available():
+                    continue
+                if runtime == "openvino" and "-ort" in label:
+                    continue  # the ONNX-Runtime-only binary
+                cmd = [*prefix, "predict", "--bundle", str(bundle.root), "--runtime", runtime,
+                       "--precision", precision, "--threads", str(args.threads), str(image)]
+                res = cold_start(cmd, args.cold_repeats)
+                process.append({"entry": label, "runtime": runtime, "precision": precision, **res})
+                log.info("%s %s %s: %s", label, runtime, precision,
+                         {k: res.get(k) for k in ("cold_start_s", "peak_rss_mb")})
+
+    return {
+        "bundle": {"path": str(bundle.root), "name": bundle.name, "version": bundle.version, "architecture": arch,
+                   "input_size": size, "lineage_note": bundle.metadata.get("lineage", {}).get("note")},
+        "machine": machine_info(),
+        "settings": {"threads": args.threads, "batch": 1, "runs": args.runs, "warmup": args.warmup,
+                     "eval_images": int(len(x)), "eval_source": "manifest test split" if args.manifest else "data-dir",
+                     "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])},
+        "models": rows,
+        "goals": goals,
+        "process": process,
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for mod in ("onnxruntime", "openvino", "torch", "numpy"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            versions[mod] = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+            "load_average_at_end": os.getloadavg(), "versions": versions}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    b = report["bundle"]
+    lines = [
+        f"Bundle `{b['name']}` ({b['architecture']}, {b['input_size']}x{b['input_size']}); "
+        f"{s['threads']} thread, batch 1, {s['runs']} timed runs after {s['warmup']} warm-up; "
+        f"accuracy on {s['eval_images']} images ({s['eval_source']}). Machine: {report['machine']['cpu']}, "
+        f"{report['machine']['cores']} cores; load average at end "
+        f"{tuple(round(v, 1) for v in report['machine']['load_average_at_end'])}.",
+        "",
+        "| model | median ms | p95 ms | x torch | size MB | size / ONNX FP32 | accuracy | macro-F1 | INT8 drop (pt) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["models"]:
+        if r.get("missing"):
+            lines.append(f"| {r['name']} | — | — | — | — | — | — | — | not in bundle: {r.get('note')} |")
+            continue
+        acc = "= ONNX FP32 (parity)" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+        f1 = "" if r["macro_f1"] is None else f"{r['macro_f1']:.4f}"
+        drop = f"{r['accuracy_drop_pt']:+.2f}" if r.get("accuracy_drop_pt") is not None else ""
+        speed = f"{r['speedup_vs_torch']:.1f}x" if r.get("speedup_vs_torch") else ""
+        lines.append(f"| {r['name']} | {r['median_ms']:.2f} | {r['p95_ms']:.2f} | {speed} | "
+                     f"{r['size_bytes'] / 1e6:.2f} | {r['size_vs_onnx_fp32']:.2f} | {acc} | {f1} | {drop} |")
+    g = report.get("goals")
+    if g:
+        lines += ["", f"Best INT8: **{g['best_int8']}** — {g['speedup_vs_torch']:.1f}x torch eager (goal ≥ 8x), "
+                      f"accuracy drop {g['accuracy_drop_pt']:+.2f} pt (goal ≤ 1), "
+                      f"size {g['size_ratio']:.2f} of ONNX FP32 (goal ≤ 0.33): "
+                      f"{'all goals met' if g['met'] else 'goals NOT all met'}."]
+    if report["process"]:
+        lines += ["", "| `plantml-edge predict`, one image | runtime | precision | cold start s (median) "
+                      "| peak RSS MB |", "|---|---|---|---|---|"]
+        for p in report["process"]:
+            if "error" in p:
+                lines.append(f"| {p['entry']} | {p['runtime']} | {p['precision']} | error: {p['error']} | |")
+            else:
+                lines.append(f"| {p['entry']} | {p['runtime']} | {p['precision']} | {p['cold_start_s']:.2f} | "
+                             f"{p['peak_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--data-dir", type=Path, required=True, help="<data-dir>/<class>/*.jpg")
+    ap.add_argument("--manifest", type=Path, default=None, help="CSV path,label,split: use split == test only")
+    ap.add_argument("--arch", default=None, help="architecture for torch eager (default: the bundle's)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--max-images", type=int, default=0, help="cap the evaluation images (0: all)")
+    ap.add_argument("--binary", action="append", default=[], help="also time this plantml-edge binary (repeatable)")
+    ap.add_argument("--cold-repeats", type=int, default=3)
+    ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--skip-process", action="store_true", help="skip cold start / peak RSS")
+    ap.add_argument("--json", type=Path, default=None, help="write the full report as JSON here")
+    ap.add_argument("--markdown", type=Path, default=None, help="write the markdown table here too")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    report = run(args)
+    md = markdown(report)
+    print(md)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The ``plantml-edge`` CLI: predict (JSON lines / CSV), bench, info, errors and exit codes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge.cli import main, percentile
+from tests._edge_bundles import CLASSES, int8_tiny_bundle
+from tests.conftest import REPO_ROOT, TINY_CLASSES, make_leaf_image
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return int8_tiny_bundle(tmp_path_factory)[0]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """photos/<class-index>_<name>.jpg at two folder depths, plus a non-image that is skipped."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "deeper").mkdir()
+    for i, (name, rgb) in enumerate(TINY_CLASSES.items()):
+        folder = root if i % 2 == 0 else root / "deeper"
+        make_leaf_image(rgb, size=64, seed=700 + i).save(folder / f"{i}_{name}.jpg", quality=92)
+    (root / "README.txt").write_text("not an image, not listed")
+    return root
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _expected_label(path: str) -> str:
+    return CLASSES[int(Path(path).name.split("_")[0])]
+
+
+def test_predict_jsonl_over_a_folder_recursively(bundle, photos, capsys):
+    code, out, _ = _run(capsys, "predict", "--bundle", str(bundle), str(photos))
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        assert set(row) == {"path", "label", "confidence", "top_k", "abstained"}
+        assert row["label"] == _expected_label(row["path"])
+        assert len(row["top_k"]) == 3 and row["abstained"] is False
+
+
+def test_unreadable_file_gives_an_error_line_and_exit_1(bundle, photos, tmp_path, capsys):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes((photos / f"0_{CLASSES[0]}.jpg").read_bytes()[:200])
+    args = ["predict", "--bundle", str(bundle), str(broken), str(photos), str(tmp_path / "missing.png")]
+    code, out, err = _run(capsys, *args)
+    assert code == 1
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 5, "the run goes on after a bad file"
+    errors = {r["path"]: r["error"] for r in rows if "error" in r}
+    assert set(errors) == {str(broken), str(tmp_path / "missing.png")}
+    assert errors[str(broken)].startswith("truncated")
+    assert sum("label" in r for r in rows) == 3
+    assert "2 of 5 file(s) could not be classified" in err
+
+
+def test_predict_csv_int8_onnxruntime_one_thread(bundle, photos, capsys):
+    args = ["predict", "--bundle", str(bundle), "--runtime", "onnxruntime", "--precision", "int8",
+            "--threads", "1", "--format", "csv", "--top-k", "2", str(photos)]
+    code, out, _ = _run(capsys, *args)
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0]) == ["path", "label", "confidence", "abstained", "top_k", "error"]
+    assert len(rows) == 3
+    for row in rows:
+        assert row["label"] == _expected_label(row["path"])
+        assert 0.5 < float(row["confidence"]) <= 1.0
+        assert row["abstained"] == "false" and row["error"] == ""
+        assert len(row["top_k"].split(";")) == 2 and row["top_k"].startswith(row["label"] + ":")
+
+
+def test_output_file_with_progress_bar(bundle, photos, tmp_path, capsys):
+    target = tmp_path / "results.jsonl"
+    code, out, err = _run(capsys, "predict", "--bundle", str(bundle), "-o", str(target), str(photos))
+    assert code == 0 and out == ""
+    assert len(target.read_text().splitlines()) == 3
+    assert "predict" in err and "3/3" in err, "a folder written to a file shows a progress bar on stderr"
+
+
+def test_bundle_from_environment(bundle, photos, monkeypatch, capsys):
+    monkeypatch.setenv("PLANTML_BUNDLE", str(bundle))
+    code, out, _ = _run(capsys, "predict", str(photos / f"0_{CLASSES[0]}.jpg"))
+    assert code == 0 and json.loads(out)["label"] == CLASSES[0]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["predict", "x.jpg"], "no bundle given"),
+        (["predict", "--bundle", "/nonexistent/bundle", "x.jpg"], "bundle directory not found"),
+        (["info", "--bundle", "/nonexistent/bundle"], "bundle directory not found"),
+        (["predict", "--bundle", "BUNDLE", "--threads", "0", "x.jpg"], "must be >= 1"),
+        (["predict", "--bundle", "BUNDLE", "--precision", "int4", "x.jpg"], "invalid choice"),
+    ],
+)
+def test_usage_and_bundle_errors_exit_2_with_one_line(bundle, monkeypatch, capsys, argv, message):
+    monkeypatch.delenv("PLANTML_BUNDLE", raising=False)
+    argv = [str(bundle) if a == "BUNDLE" else a for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse errors exit from inside parse_args
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert message in err and err.count("\n") <= 2 and "Traceback" not in err
+
+
+def test_corrupt_bundle_is_refused(bundle, photos, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    with open(broken / "openvino" / "model.bin", "r+b") as fh:
+        fh.write(b"\0\0\0\0")
+    code, out, err = _run(capsys, "predict", "--bundle", str(broken), str(photos))
+    assert code == 2 and out == ""
+    assert "sha256 mismatch for openvino/model.bin" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_prints_latency_percentiles_for_every_model(bundle, capsys):
+    code, out, _ = _run(capsys, "bench", "--bundle", str(bundle), "--threads", "1", "--runs", "5", "--warmup", "1",
+                        "--format", "json")
+    assert code == 0
+    results = json.loads(out)
+    assert {(r["runtime"], r["precision"]) for r in results} == {
+        ("openvino", "fp32"), ("openvino", "int8"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
+    }
+    for r in results:
+        assert r["batch"] == 1 and r["input_size"] == 32 and r["threads"] == 1 and r["runs"] == 5
+        assert 0 < r["min_ms"] <= r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+    code, out, _ = _run(capsys, "bench", "--bundle", str(bundle), "--runtime", "onnxruntime", "--precision", "int8",
+                        "--runs", "3")
+    assert code == 0 and "| onnxruntime | int8 |" in out and "p95 ms" in out and out.count("| onnxruntime") == 1
+
+
+def test_info_prints_the_bundle_metadata(bundle, capsys):
+    code, out, _ = _run(capsys, "info", "--bundle", str(bundle))
+    assert code == 0
+    info = json.loads(out)
+    assert info["classes"] == CLASSES and info["num_classes"] == 3 and info["input"]["size"] == 32
+    assert {(m["runtime"], m["precision"]) for m in info["models"] if m["role"] == "model"} >= {("onnxruntime", "int8")}
+    assert info["metrics"]["int8_onnxruntime"]["kept"] is True
+    assert info["int8"]["gate"]["max_accuracy_drop"] == 0.01
+    assert set(info["installed_runtimes"]) == {"openvino", "onnxruntime"}
+
+
+def test_percentile():
+    assert percentile([1, 2, 3, 4, 5], 50) == 3
+    assert percentile([1, 2, 3, 4, 5], 100) == 5
+    assert percentile([1, 2], 50) == pytest.approx(1.5)
+
+
+def test_console_script_runs_offline_without_torch(bundle, photos):
+    """The real entry point in a fresh process, with torch/timm imports made to fail."""
+    script = Path(sys.executable).with_name("plantml-edge")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "edge"]
+    blocker = (
+        "import sys\n"
+        "for m in ('torch', 'torchvision', 'timm', 'metaflow'):\n"
+        "    sys.modules[m] = None\n"
+    )
+    site = photos.parent / "block_torch"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(blocker)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO_ROOT)]), "NO_PROXY": "*",
+           "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    out = subprocess.run([*cmd, "predict", "--bundle", str(bundle), "--precision", "int8", str(photos)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["label"] for r in rows] == [_expected_label(r["path"]) for r in rows] and len(rows) == 3

@@ -75,7 +75,8 @@ def train_card(result: Mapping[str, Any], curve_png: str | None, is_demo: bool) 
 def evaluate_card(report: Mapping[str, Any], train_errors: Mapping[str, str]) -> list[Any]:
     """CNN vs ViT side by side, champion, confusion, ROC, per-class, calibration, robustness."""
     parts: list[Any] = banner(report["is_demo"])
-    parts.append(Markdown(f"# Evaluation (test split)\n**Champion: `{report['champion']}`** — {report['champion_reason']}"))
+    parts.append(Markdown(f"# Evaluation (test split)\n**Champion: `{report['champion']}`** — "
+                          f"{report['champion_reason']}"))
     for name, err in train_errors.items():
         parts.append(Markdown(f"⚠️ branch `{name}` failed and was left out: `{err}`"))
     heads = ["model", "arch", "accuracy", "macro-F1", "ROC-AUC (ovr)", "latency ms", "params M", "best epoch",
@@ -101,7 +102,8 @@ def evaluate_card(report: Mapping[str, Any], train_errors: Mapping[str, str]) ->
     parts.append(Markdown(
         f"## Calibration and abstention (champion)\ntemperature **{c['temperature']:.3f}** fitted on validation; "
         f"test ECE {c['ece_uncalibrated']:.4f} → **{c['ece']:.4f}** (bootstrap 95 % interval "
-        f"{c['ece_ci95'][0]:.3f}–{c['ece_ci95'][1]:.3f} on {c['n_test']} images). Abstain threshold **{c['abstain_threshold']:.3f}** "
+        f"{c['ece_ci95'][0]:.3f}–{c['ece_ci95'][1]:.3f} on {c['n_test']} images). "
+        f"Abstain threshold **{c['abstain_threshold']:.3f}** "
         f"(chosen on validation for precision ≥ {c['target_precision']}): test coverage **{c['test_coverage']:.3f}**, "
         f"accuracy on answered **{c['test_accuracy_at_threshold']:.4f}**. Non-leaf images abstained: "
         f"**{report['non_leaf']['abstain_rate']:.0%}** of {report['non_leaf']['n']} generated non-leaf images and "
@@ -144,7 +146,7 @@ def export_card(bundle_path: str, metadata: Mapping[str, Any], registered: Mappi
     int8 = metadata.get("int8")
     if int8:
         gate = int8.get("gate", {})
-        parts.append(Markdown(f"## INT8 accuracy gate\nan INT8 model is kept only if its test accuracy drops by at most "
+        parts.append(Markdown("## INT8 accuracy gate\nan INT8 model is kept only if its test accuracy drops by at most "
                               f"**{gate.get('max_accuracy_drop')}** against FP32 of the same runtime "
                               f"({int8.get('calibration_images')} calibration images, {int8.get('eval_images')} test "
                               f"images). Kept: **{', '.join(int8.get('passed') or []) or 'none'}**."))

@@ -28,11 +28,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from plantml.plots import pyplot, save_figure
 
 from plantml.preprocess import softmax
 
@@ -445,32 +446,6 @@ def calibration_summary(
 # --------------------------------------------------------------------------- plots
 
 
-def _save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
-    """Save a matplotlib figure as PNG atomically (temporary file, then rename)."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def reliability_diagram(
     probs_before: np.ndarray,
     probs_after: np.ndarray,
@@ -499,7 +474,7 @@ def reliability_diagram(
     after = reliability_bins(probs_after, labels, n_bins)
     ece_b = expected_calibration_error(probs_before, labels, n_bins)
     ece_a = expected_calibration_error(probs_after, labels, n_bins)
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.5, 6.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
     after_label = f"temperature-scaled (T={temperature:.3f})" if temperature else "after calibration"
@@ -523,7 +498,7 @@ def reliability_diagram(
     ax_n.set_yscale("symlog")
     ax_n.set_xlabel("confidence (top-label probability)")
     ax_n.set_ylabel("count")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def coverage_accuracy_plot(
@@ -549,7 +524,7 @@ def coverage_accuracy_plot(
     acc = np.asarray(curve["accuracy"], dtype=float)
     if not (len(t) == len(cov) == len(acc)) or len(t) == 0:
         raise ValueError("coverage_accuracy_plot: curve lists must be non-empty and of equal length")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.0))
     ax.plot(cov, acc, color="tab:blue", lw=1.5, label="accepted predictions")
     if target_precision is not None:
@@ -568,7 +543,7 @@ def coverage_accuracy_plot(
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     ax.set_title("Coverage vs accuracy (abstain below the threshold)")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def calibration_report(

@@ -126,7 +126,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         registered = register_bundle(path, model_name=params.registry.model_name, alias=params.registry.alias,
                                      tracking_uri=params.registry.tracking_uri,
-                                     tags={"architecture": metadata["architecture"], "bundle_version": metadata["version"]})
+                                     tags={"architecture": metadata["architecture"],
+                                           "bundle_version": metadata["version"]})
     print(json.dumps({"bundle": str(path), "version": metadata["version"], "champion": name,
                       "registered": registered}))
     return 0
@@ -175,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export the champion to a bundle (ONNX, OpenVINO, INT8)")
     common(p)
-    p.add_argument("--out", default=None, help="fixed bundle path (replaced atomically); default export.out_dir/NAME-VER")
+    p.add_argument("--out", default=None,
+                   help="fixed bundle path (replaced atomically); default: export.out_dir/NAME-VERSION")
     p.add_argument("--register", action="store_true", help="register the bundle in the MLflow model registry")
     p.set_defaults(func=cmd_export)
 

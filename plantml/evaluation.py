@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from plantml.plots import pyplot, save_figure
+
 log = logging.getLogger(__name__)
 
 
@@ -28,7 +30,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
         probs: class probabilities ``[N, C]`` (rows sum to 1).
         classes: names, index-aligned with the columns.
     """
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
+    from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support,
+                                 roc_auc_score)
 
     labels = list(range(len(classes)))
     y_pred = probs.argmax(1)
@@ -99,22 +102,13 @@ def check_quality_gates(metrics: Mapping[str, Any], min_macro_f1: float, min_acc
 # --------------------------------------------------------------------------- plots
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _short(name: str) -> str:
     return name.replace("___", ": ").replace("_", " ")[:28]
 
 
 def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str) -> Path:
     """Row-normalised confusion matrix with counts."""
-    plt = _plt()
+    plt = pyplot()
     cm = np.asarray(cm)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     n = len(classes)
@@ -131,14 +125,14 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], p
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.04)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: Path, title: str) -> Path:
     """One-vs-rest ROC curves (micro-average bold)."""
     from sklearn.metrics import roc_curve
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
     for i, c in enumerate(classes):
         pos = y_true == i
@@ -153,12 +147,12 @@ def plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], path
     ax.set_ylabel("true positive rate")
     ax.set_title(title)
     ax.legend(loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: Path) -> Path:
     """Loss and validation accuracy/macro-F1 per epoch, one line per model."""
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, hist in histories.items():
         ep = [h["epoch"] for h in hist]
@@ -173,14 +167,15 @@ def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
     ax2.set_ylim(0, 1.01)
     ax2.legend(fontsize=7)
     fig.suptitle("training curves")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_comparison(rows: Mapping[str, Mapping[str, float]], path: Path) -> Path:
     """Side-by-side bars: accuracy, macro-F1, latency and size per model."""
-    plt = _plt()
+    plt = pyplot()
     names = list(rows)
-    panels = [("accuracy", "test accuracy"), ("macro_f1", "test macro-F1"), ("latency_ms", "latency ms (torch, 1 thread)"),
+    panels = [("accuracy", "test accuracy"), ("macro_f1", "test macro-F1"),
+              ("latency_ms", "latency ms (torch, 1 thread)"),
               ("size_mb", "parameters (MB fp32)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(12, 3))
     for ax, (key, label) in zip(axes, panels):
@@ -189,13 +184,4 @@ def plot_comparison(rows: Mapping[str, Mapping[str, float]], path: Path) -> Path
         ax.set_title(label, fontsize=9)
         for b, v in zip(bars, vals):
             ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{v:.3g}", ha="center", va="bottom", fontsize=8)
-    return _save(fig, path)
-
-
-def _save(fig: Any, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-    return path
+    return save_figure(fig, path)

@@ -159,7 +159,8 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
             "calibration": calib,
         })
         m["plots"] = {
-            "confusion": str(plot_confusion_matrix(m["confusion_matrix"], classes, out / "plots" / f"confusion_{name}.png",
+            "confusion": str(plot_confusion_matrix(m["confusion_matrix"], classes,
+                                                   out / "plots" / f"confusion_{name}.png",
                                                    f"{name} ({res['arch']}) test confusion")),
             "roc": str(plot_roc(y_test, softmax(test_logits), classes, out / "plots" / f"roc_{name}.png",
                                 f"{name} one-vs-rest ROC")),
@@ -275,7 +276,8 @@ def _write_plot_tables(report: Mapping[str, Any], plots: Path) -> None:
 
 
 def export_champion(params: Params, report: Mapping[str, Any], train_result: Mapping[str, Any], checkpoint: str,
-                    rows: Sequence[ManifestRow], lineage: Mapping[str, Any], out_root: str | os.PathLike[str] | None = None,
+                    rows: Sequence[ManifestRow], lineage: Mapping[str, Any],
+                    out_root: str | os.PathLike[str] | None = None,
                     progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Export the champion to a bundle: ONNX + OpenVINO FP32 (parity-checked), INT8 behind the
     accuracy gate, drift reference statistics, calibration and metrics.

@@ -107,7 +107,8 @@ def register_bundle(
     log.info("registered %s version %s (alias %s) from run %s", model_name, version.version, alias, run_id)
     return {
         "name": model_name, "version": str(version.version), "alias": alias, "run_id": run_id,
-        "source": source, "model_uri": f"models:/{model_name}@{alias}" if alias else f"models:/{model_name}/{version.version}",
+        "source": source,
+        "model_uri": f"models:/{model_name}@{alias}" if alias else f"models:/{model_name}/{version.version}",
     }
 
 

@@ -27,11 +27,12 @@ from __future__ import annotations
 import io
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+
+from plantml.plots import pyplot, save_figure
 from PIL import Image, ImageDraw, ImageFilter
 
 log = logging.getLogger(__name__)
@@ -333,29 +334,10 @@ def robustness_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def robustness_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Line chart: accuracy vs severity per corruption (severity 0 = clean), as PNG."""
     summary = robustness_summary(rows)
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     clean = summary["clean_accuracy"]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -372,7 +354,7 @@ def robustness_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str
     ax.set_title(f"Accuracy under corruptions (mean {summary['mean_corrupted_accuracy']:.3f}, "
                  f"{summary['relative_accuracy']:.0%} of clean)")
     ax.legend(fontsize=8, loc="lower left", ncol=2)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- background bias

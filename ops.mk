@@ -100,3 +100,11 @@ ops-test: $(STAMP)  ## the ops tests only
 		tests/test_ops_workflow.py tests/test_ops_argo.py
 
 .DEFAULT_GOAL := $(_OPS_SAVED_DEFAULT_GOAL)
+
+.PHONY: edge-binary edge-binary-ort edge-bench
+edge-binary:  ## single-file dist/plantml-edge (ONNX Runtime + OpenVINO), built in a torch-free .venv-edge
+	edge/build_binary.sh
+edge-binary-ort:  ## ONNX-Runtime-only dist/plantml-edge-ort (smaller)
+	edge/build_binary.sh --variant onnxruntime --name plantml-edge-ort
+edge-bench: $(STAMP)  ## BUNDLE=... DATA_DIR=... [MANIFEST=...]: edge latency/size/accuracy table
+	$(PY) benchmarks/edge_bench.py --bundle $(or $(BUNDLE),artifacts/bundles/latest) --data-dir $(DATA_DIR) $(if $(MANIFEST),--manifest $(MANIFEST),) --binary dist/plantml-edge --json reports/edge_bench.json

@@ -40,6 +40,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+# One definition of each runtime runner, shared with the export parity check (re-exported).
+from plantml.export import onnxruntime_runner, openvino_runner  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 ONNX_INT8_PATH = "model.int8.onnx"
@@ -101,29 +104,6 @@ def median_latency_ms(runner: Runner, sample: np.ndarray, runs: int = 30, warmup
 
 
 # --------------------------------------------------------------------------- runners
-
-
-def onnxruntime_runner(path: Path, threads: int = 1) -> Runner:
-    """``batch -> logits`` over an ONNX Runtime CPU session."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, threads)
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
-
-
-def openvino_runner(xml_path: Path, threads: int = 1, f32: bool = True) -> Runner:
-    """``batch -> logits`` over OpenVINO CPU (``f32`` sets ``INFERENCE_PRECISION_HINT=f32``)."""
-    import openvino as ov
-
-    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": max(1, threads)}
-    if f32:
-        config["INFERENCE_PRECISION_HINT"] = "f32"
-    compiled = ov.Core().compile_model(str(xml_path), "CPU", config)
-    return lambda x: compiled(np.ascontiguousarray(x, dtype=np.float32))[0]
 
 
 # --------------------------------------------------------------------------- quantizers

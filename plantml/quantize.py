@@ -109,6 +109,28 @@ def median_latency_ms(runner: Runner, sample: np.ndarray, runs: int = 30, warmup
 # --------------------------------------------------------------------------- quantizers
 
 
+def import_nncf() -> Any:
+    """Import nncf, first undoing a known clash with Metaflow in the same process.
+
+    Metaflow vendors an older ``typing_extensions`` that replaces ``typing._collect_parameters``
+    for the whole process once it is imported (a flow's client, ``Runner`` or cards). With
+    it, nncf's ``Protocol[P, R]`` (a ParamSpec with a default) fails to import with
+    "Type parameter +R without a default follows type parameter with a default".
+    Re-installing the installed ``typing_extensions``' own function is exactly what importing
+    it did in the first place, so nothing else changes.
+    """
+    import typing
+
+    import typing_extensions
+
+    current = getattr(typing_extensions, "_collect_parameters", None)
+    if current is not None and getattr(typing, "_collect_parameters", current) is not current:
+        typing._collect_parameters = current  # type: ignore[attr-defined]
+    import nncf
+
+    return nncf
+
+
 def check_calibration_images(images: np.ndarray, what: str = "calibration_images") -> np.ndarray:
     """Validate an ``NCHW`` float batch of preprocessed images; returns it as float32.
 
@@ -147,9 +169,9 @@ def quantize_openvino(
     Returns:
         ``out_xml``.
     """
-    import nncf
     import openvino as ov
 
+    nncf = import_nncf()
     images = check_calibration_images(calibration_images)
     model = ov.Core().read_model(str(fp32_xml))
     # One image per sample: the IR has a dynamic batch and NNCF collects statistics per sample.

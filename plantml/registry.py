@@ -47,13 +47,17 @@ def setup_mlflow(configured_uri: str | None = None, experiment: str = EXPERIMENT
 
     uri = resolve_tracking_uri(configured_uri)
     mlflow.set_tracking_uri(uri)
+    # The registry URI is resolved separately and sticks to the first store a process used:
+    # pin it to the same store, or a second store in one process registers into the first.
+    mlflow.set_registry_uri(uri)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:
         mlflow.set_experiment(experiment_id=exp.experiment_id)
         return exp.experiment_id
     artifact_location = None
-    if uri.startswith("sqlite:///") and uri == default_tracking_uri():
-        artifact_location = (REPO_ROOT / "mlartifacts").as_uri()
+    if uri.startswith("sqlite:///"):
+        # Artifacts beside the database (not in whatever the working directory happens to be).
+        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
     try:
         exp_id = mlflow.create_experiment(experiment, artifact_location=artifact_location)
     except Exception:  # noqa: BLE001 - a parallel branch may have created it first
@@ -87,8 +91,9 @@ def register_bundle(
     import mlflow
     from mlflow import MlflowClient
 
-    setup_mlflow(tracking_uri)
-    client = MlflowClient()
+    uri = resolve_tracking_uri(tracking_uri)
+    setup_mlflow(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     bundle_path = Path(bundle_path)
     if run_id is None:
         with mlflow.start_run(run_name=f"register-{bundle_path.name}") as run:
@@ -120,10 +125,12 @@ def fetch_bundle(model_uri: str, dst_dir: str | os.PathLike[str], tracking_uri: 
     """
     import mlflow
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=uri))
 
 
 def start_parent_run(params: Mapping[str, Any], tags: Mapping[str, str], tracking_uri: str | None = None,

@@ -19,10 +19,10 @@ def test_split_is_stratified_deterministic_and_complete(tiny_dataset):
 
 
 def test_duplicates_never_straddle_splits(tmp_path):
-    for c in ("A", "B"):
+    for k, c in enumerate(("A", "B")):
         (tmp_path / c).mkdir()
         for i in range(10):
-            make_leaf_image((10 * i, 100, 50), seed=i).save(tmp_path / c / f"{i}.png")
+            make_leaf_image((10 * i, 100, 50 + k), seed=100 * k + i).save(tmp_path / c / f"{i}.png")
         for i in range(10):  # exact copies of each file
             shutil.copy(tmp_path / c / f"{i}.png", tmp_path / c / f"{i}_copy.png")
     rows, summary = prepare_dataset(tmp_path, seed=0, progress=False)

@@ -44,7 +44,9 @@ def _run(args, env, timeout=900):
 
 
 def test_flow_end_to_end_and_resume(tiny_dataset, tmp_path):
+    # Cards have their own local root (else they land in the checkout's .metaflow/): keep both in tmp_path.
     env = {**os.environ, "METAFLOW_USER": "flowtest", "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "mf"),
+           "METAFLOW_CARD_LOCALROOT": str(tmp_path / "mf" / "mf.cards"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONWARNINGS": "ignore"}
     blocker = tmp_path / "blocked"
     blocker.write_text("a file where the bundle folder should go")

@@ -146,3 +146,15 @@ def test_macro_f1_by_hand():
 def test_quantize_module_does_not_import_torch():
     code = "import sys, plantml.quantize; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_nncf_imports_after_metaflow_patched_typing():
+    """Metaflow's vendored typing_extensions breaks a plain `import nncf` in the same process."""
+    import subprocess
+    import sys
+
+    code = ("import typing_extensions\nimport metaflow._vendor.typing_extensions\n"
+            "from plantml.quantize import import_nncf\n"
+            "import_nncf(); print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

@@ -219,11 +219,15 @@ def our_server(runtime: str, precision: str, bundle: Path, workers: int, tmp: Pa
                   loaded_marker="serving.predictor: model ")
 
 
-def baseline_server(weights: Path, workers: int, tmp: Path, torch_threads: int | None = None) -> Server:
-    """The torch baseline: torch's default threads, or ``torch_threads`` per worker (``torch:baseline1``)."""
+def baseline_server(weights: Path, workers: int, tmp: Path, torch_threads: int | None = None,
+                    arch: str = "efficientnet_lite0", n_classes: int = 18, size: int = 224) -> Server:
+    """The torch baseline: torch's default threads, or ``torch_threads`` per worker (``torch:baseline1``).
+
+    ``arch``, ``n_classes`` and ``size`` come from the served bundle, so both serve the same model.
+    """
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), BASELINE_WEIGHTS=str(weights),
-               BASELINE_ARCH="efficientnet_lite0", BASELINE_CLASSES="18", BASELINE_SIZE="224")
+               BASELINE_ARCH=arch, BASELINE_CLASSES=str(n_classes), BASELINE_SIZE=str(size))
     env.pop("BASELINE_TORCH_THREADS", None)
     if torch_threads:
         env["BASELINE_TORCH_THREADS"] = str(torch_threads)
@@ -454,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("exported %s", bundle)
     from plantml.bundle import load_bundle
 
-    available = set(load_bundle(bundle).available())
+    loaded = load_bundle(bundle)
+    available = set(loaded.available())
     results = []
     for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
         runtime, precision = config.split(":")
@@ -463,7 +468,9 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"config": config, "error": "no --weights for the baseline"})
                 continue
             threads = 1 if precision == "baseline1" else None
-            server = baseline_server(weights, args.workers, tmp, torch_threads=threads)
+            server = baseline_server(weights, args.workers, tmp, torch_threads=threads,
+                                     arch=loaded.metadata["architecture"], n_classes=len(loaded.classes),
+                                     size=loaded.input_spec.size)
             ready_path = "/health"
         elif (runtime, precision) not in available:
             results.append({"config": config, "error": f"bundle has no {runtime} {precision} model"})

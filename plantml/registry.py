@@ -2,8 +2,8 @@
 
 Default store: ``sqlite:///mlflow.db`` with artifacts in ``mlartifacts/`` at the
 repository root (both git-ignored), so ``mlflow ui --backend-store-uri sqlite:///mlflow.db``
-shows runs and the registry with no server. ``$MLFLOW_TRACKING_URI`` (or
-``registry.tracking_uri`` in params) points everything at a shared server instead.
+shows runs and the registry with no server. ``registry.tracking_uri`` in params, or else
+``$MLFLOW_TRACKING_URI``, points everything at a shared server instead.
 
 The registered "model" is the exported bundle directory, logged as run artifacts; a
 version's alias (``champion`` by default) is what serving resolves with
@@ -33,8 +33,12 @@ def default_tracking_uri() -> str:
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
-    """``$MLFLOW_TRACKING_URI`` > ``registry.tracking_uri`` > the local sqlite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or configured or default_tracking_uri()
+    """An explicit URI (argument, or ``registry.tracking_uri`` in params) > ``$MLFLOW_TRACKING_URI`` > local sqlite.
+
+    The explicit value must win: ``mlflow.set_tracking_uri`` writes ``$MLFLOW_TRACKING_URI``
+    into this process's environment, so the variable may name whatever store was used last.
+    """
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
 def setup_mlflow(configured_uri: str | None = None, experiment: str = EXPERIMENT_NAME) -> str:

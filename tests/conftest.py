@@ -38,6 +38,16 @@ def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+def card_text(card_html: str) -> str:
+    """The card's content: Metaflow embeds it as base64 JSON in the card's HTML."""
+    import base64
+    import re
+
+    found = re.search(r'window\.__MF_DATA__\["[^"]+"\] = "([A-Za-z0-9+/=]+)"', card_html)
+    assert found, "no card data in the card HTML"
+    return base64.b64decode(found.group(1)).decode()
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """``<root>/<Class>/*.jpg``: 3 classes x 20 images, 64x64."""

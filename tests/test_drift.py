@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
-from tests.conftest import REPO_ROOT, TINY_CLASSES, _train_tiny_model
+from tests.conftest import REPO_ROOT, TINY_CLASSES, _train_tiny_model, card_text
 from plantml import drift
 from plantml.bundle import load_bundle
 from plantml.config import DriftParams
@@ -125,16 +125,6 @@ def current_sets(drift_bundle, tmp_path_factory) -> dict[str, Path]:
         out[f"{name}_images"] = root / f"{name}_images"
         out[f"{name}_log"] = write_log(table, root / f"{name}_logs" / "drift-worker1.jsonl")
     return out
-
-
-def card_text(card_html: str) -> str:
-    """The card's content: Metaflow embeds it as base64 JSON in the card's HTML."""
-    import base64
-    import re
-
-    found = re.search(r'window\.__MF_DATA__\["[^"]+"\] = "([A-Za-z0-9+/=]+)"', card_html)
-    assert found, "no card data in the card HTML"
-    return base64.b64decode(found.group(1)).decode()
 
 
 def cli(*argv: str) -> tuple[int, dict]:

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, card_text
 
 pytestmark = pytest.mark.integration
 
@@ -38,15 +38,14 @@ print(json.dumps(out))
 """
 
 
-def _run(args, env, timeout=900):
-    return subprocess.run([sys.executable, "flows/train_flow.py", *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+def _run(args, env, cwd, timeout=900):
+    return subprocess.run([sys.executable, str(REPO_ROOT / "flows" / "train_flow.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_flow_end_to_end_and_resume(tiny_dataset, tmp_path):
-    # Cards have their own local root (else they land in the checkout's .metaflow/): keep both in tmp_path.
-    env = {**os.environ, "METAFLOW_USER": "flowtest", "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "mf"),
-           "METAFLOW_CARD_LOCALROOT": str(tmp_path / "mf" / "mf.cards"),
+    # Run from tmp_path: Metaflow's local datastore and its cards (.metaflow/) land there, not in the checkout.
+    env = {**os.environ, "METAFLOW_USER": "flowtest",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONWARNINGS": "ignore"}
     blocker = tmp_path / "blocked"
     blocker.write_text("a file where the bundle folder should go")
@@ -60,18 +59,18 @@ def test_flow_end_to_end_and_resume(tiny_dataset, tmp_path):
         "registry.model_name=flowtest-model",
     ])
     first = _run(["run", "--data-dir", str(tiny_dataset), "--set", overrides,
-                  "--run-id-file", str(tmp_path / "run1")], env)
+                  "--run-id-file", str(tmp_path / "run1")], env, tmp_path)
     assert first.returncode != 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "Step export" in (first.stdout + first.stderr) or "export" in first.stderr
     run1 = (tmp_path / "run1").read_text().strip()
 
     blocker.unlink()  # the broken mount is fixed
-    second = _run(["resume", "--origin-run-id", run1, "--run-id-file", str(tmp_path / "run2")], env)
+    second = _run(["resume", "--origin-run-id", run1, "--run-id-file", str(tmp_path / "run2")], env, tmp_path)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "bundle:" in second.stdout + second.stderr
     run2 = (tmp_path / "run2").read_text().strip()
 
-    check = subprocess.run([sys.executable, "-c", CHECK, run2, run1], cwd=REPO_ROOT, env=env, capture_output=True,
+    check = subprocess.run([sys.executable, "-c", CHECK, run2, run1], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=300)
     assert check.returncode == 0, check.stderr[-3000:]
     info = json.loads(check.stdout.strip().splitlines()[-1])
@@ -80,7 +79,9 @@ def test_flow_end_to_end_and_resume(tiny_dataset, tmp_path):
     (s1, f1), (s2, f2) = info["train_windows"]
     assert max(s1, s2) < min(f1, f2)
     assert all(n >= 1 for n in info["cards"].values())
-    assert "Champion" in info["eval_card_html"]
+    evaluate_card = card_text(info["eval_card_html"])
+    for text in ("Champion", "confusion matrix", "ROC", "reliability diagram", "Background-only baseline"):
+        assert text in evaluate_card, text
 
     from plantml.bundle import load_bundle
 

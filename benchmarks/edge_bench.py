@@ -51,6 +51,7 @@ if str(REPO) not in sys.path:
 from plantml.bundle import Bundle, load_bundle  # noqa: E402
 from plantml.preprocess import IMAGE_EXTENSIONS, load_image, preprocess_batch  # noqa: E402
 from plantml.quantize import macro_f1  # noqa: E402
+from plantml.timing import latency_stats  # noqa: E402
 
 log = logging.getLogger("edge_bench")
 
@@ -79,24 +80,6 @@ def labelled_images(bundle: Bundle, data_dir: Path, manifest: Path | None) -> li
 
 
 # --------------------------------------------------------------------------- timing
-
-
-def time_runner(fn: Callable[[np.ndarray], Any], x: np.ndarray, runs: int, warmup: int) -> dict[str, float]:
-    """Median/p95/mean latency (ms) of ``fn(x)``."""
-    for _ in range(warmup):
-        fn(x)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - t0) * 1000.0)
-    return {
-        "median_ms": float(np.median(times)),
-        "p95_ms": float(np.percentile(times, 95)),
-        "mean_ms": float(np.mean(times)),
-        "min_ms": float(np.min(times)),
-        "runs": runs,
-    }
 
 
 def accuracy(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray, batch: int = 16) -> dict[str, float]:
@@ -168,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fn = torch_eager(bundle, arch, args.threads)
         parity = bundle.metadata.get("parity", {}).get("max_abs_diff", {}).get("onnxruntime_fp32", {}).get("max")
         rows.append({"name": "torch eager", "runtime": "torch", "precision": "fp32", "hint": None,
-                     **time_runner(fn, one, args.runs, args.warmup),
+                     **latency_stats(fn, one, args.runs, args.warmup),
                      "size_bytes": model_bytes(bundle, "onnxruntime", "fp32"),
                      "accuracy": None, "macro_f1": None,
                      "note": f"accuracy = ONNX Runtime FP32 (export parity max abs logit diff {parity})"})
@@ -185,7 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         model = EdgeModel(bundle.root, runtime=runtime, precision=precision, threads=args.threads, openvino_f32=f32)
         row = {"name": name, "runtime": runtime, "precision": precision, "hint": hint,
-               **time_runner(model.logits, one, args.runs, args.warmup),
+               **latency_stats(model.logits, one, args.runs, args.warmup),
                "size_bytes": model_bytes(bundle, runtime, precision),
                **accuracy(model.logits, x, y)}
         rows.append(row)

@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 
 
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", required=True)
@@ -61,7 +59,6 @@ def main() -> None:
     print(text)
     if args.out:
         Path(args.out).write_text(text)
-
 
 
 if __name__ == "__main__":

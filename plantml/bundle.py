@@ -31,7 +31,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from plantml.preprocess import InputSpec
 
@@ -43,8 +43,6 @@ REQUIRED_KEYS = (
     "schema_version", "name", "version", "architecture", "classes", "input", "files",
     "metrics", "calibration", "lineage",
 )
-RUNTIMES = ("onnxruntime", "openvino")
-PRECISIONS = ("fp32", "int8")
 
 
 class BundleError(ValueError):
@@ -250,10 +248,3 @@ def _point_latest(out_root: Path, target_name: str) -> None:
     tmp = out_root / f".latest-{uuid.uuid4().hex[:8]}"
     os.symlink(target_name, tmp)
     os.replace(tmp, link)
-
-
-def iter_model_files(meta: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    """Yield the ``files`` entries whose role is ``model``."""
-    for f in meta.get("files", []):
-        if f.get("role", "model") == "model":
-            yield f

@@ -97,11 +97,19 @@ def _torch_proba(model: Any, spec: InputSpec, temperature: float = 1.0):
 
 
 def _stratified_subset(rows: Sequence[ManifestRow], limit: int, seed: int) -> list[ManifestRow]:
+    """At most ``limit`` rows, each class keeping its share (at least one row), deterministic for ``seed``."""
     if len(rows) <= limit:
         return list(rows)
     rng = np.random.default_rng(seed)
-    idx = sorted(rng.choice(len(rows), size=limit, replace=False))
-    return [rows[i] for i in idx]
+    by_label: dict[str, list[ManifestRow]] = {}
+    for r in rows:
+        by_label.setdefault(r.label, []).append(r)
+    picked: list[ManifestRow] = []
+    for label in sorted(by_label):
+        members = by_label[label]
+        k = max(1, round(limit * len(members) / len(rows)))
+        picked += [members[i] for i in sorted(rng.choice(len(members), size=min(k, len(members)), replace=False))]
+    return picked
 
 
 def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], checkpoints: Mapping[str, str],

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -42,6 +40,7 @@ import numpy as np
 
 # One definition of each runtime runner, shared with the export parity check (re-exported).
 from plantml.export import onnxruntime_runner, openvino_runner  # noqa: F401
+from plantml.timing import latency_stats
 
 log = logging.getLogger(__name__)
 
@@ -92,21 +91,7 @@ def evaluate(runner: Runner, images: np.ndarray, labels: np.ndarray, batch_size:
 
 def median_latency_ms(runner: Runner, sample: np.ndarray, runs: int = 30, warmup: int = 3) -> float:
     """Median wall time (ms) of ``runner`` on one batch-1 input."""
-    x = np.ascontiguousarray(sample[:1], dtype=np.float32)
-    for _ in range(warmup):
-        runner(x)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        runner(x)
-        times.append((time.perf_counter() - t0) * 1000.0)
-    return float(statistics.median(times))
-
-
-# --------------------------------------------------------------------------- runners
-
-
-# --------------------------------------------------------------------------- quantizers
+    return latency_stats(runner, np.ascontiguousarray(sample[:1], dtype=np.float32), runs, warmup)["median_ms"]
 
 
 def import_nncf() -> Any:

@@ -306,14 +306,9 @@ def measure_latency_ms(model: Any, image_size: int, threads: int = 1, runs: int 
     """Median torch-eager latency (batch 1, CPU) in milliseconds."""
     import torch
 
+    from plantml.timing import latency_stats
+
     torch.set_num_threads(max(1, threads))
     model = model.eval().cpu()
-    x = torch.randn(1, 3, image_size, image_size)
-    times = []
     with torch.inference_mode():
-        for i in range(warmup + runs):
-            t0 = time.perf_counter()
-            model(x)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(times))
+        return latency_stats(model, torch.randn(1, 3, image_size, image_size), runs, warmup)["median_ms"]

@@ -77,3 +77,15 @@ def test_champion_rule_and_gates():
     assert choose_champion(noisy, "macro_f1", 0.005)[0] == "vit"  # 5 % faster is timing noise, not a reason
     with pytest.raises(QualityGateError, match=r"macro-F1 0\.4000 < evaluate\.min_macro_f1 0\.5"):
         check_quality_gates({"macro_f1": 0.4, "accuracy": 0.9}, 0.5, 0.5, "cnn")
+
+
+def test_stratified_subset_keeps_every_class_and_its_share():
+    from plantml.data import ManifestRow
+    from plantml.pipeline import _stratified_subset
+
+    rows = [ManifestRow(f"/{c}/{i}", c, "test", f"{c}{i}", 1, 1) for c, n in (("a", 80), ("b", 18), ("c", 2))
+            for i in range(n)]
+    sub = _stratified_subset(rows, 50, seed=0)
+    counts = {c: sum(r.label == c for r in sub) for c in "abc"}
+    assert counts == {"a": 40, "b": 9, "c": 1}
+    assert sub == _stratified_subset(rows, 50, seed=0)

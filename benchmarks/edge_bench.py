@@ -94,18 +94,49 @@ def model_bytes(bundle: Bundle, runtime: str, precision: str) -> int:
 
 
 def torch_eager(bundle: Bundle, arch: str, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The bundle's computation in torch eager: the architecture, plus the OOD head when the
+    bundle's model has one (random arrays of the same shapes: latency does not depend on values)."""
     import torch
 
     from plantml.models import create_model
 
     torch.set_num_threads(threads)
     model = create_model(arch, len(bundle.classes), pretrained=False, image_size=bundle.input_spec.size).eval()
+    ood = bundle.metadata.get("metrics", {}).get("ood")
+    if "ood_score" in bundle.outputs and ood:
+        from plantml.models.scored import scored_classifier
+        from plantml.ood import FeatureDetector
+
+        rng = np.random.default_rng(0)
+        dim, k = int(ood["feature_dim"]), int(ood["components"])
+        model = scored_classifier(model, FeatureDetector(
+            means=rng.normal(size=(len(bundle.classes), dim)).astype(np.float32),
+            basis=np.linalg.qr(rng.normal(size=(dim, k)))[0].astype(np.float32),
+            variances=np.ones(k, np.float32), rest_variance=1.0, shrinkage=0.0, n_fit=0))
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(x)).numpy()
+            out = model(torch.from_numpy(x))
+        return (out[0] if isinstance(out, tuple) else out).numpy()
 
     return run
+
+
+def s8s8_variant(bundle: Bundle, manifest: Path, data_dir: Path, out: Path, n: int = 300) -> Path:
+    """The bundle's FP32 ONNX quantized the previous way (signed activations, S8S8) on up to
+    ``n`` training images of the manifest, to compare with the bundle's U8S8 model."""
+    from plantml.quantize import quantize_onnx
+
+    index = {c: i for i, c in enumerate(bundle.classes)}
+    paths = []
+    with open(manifest, newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("split") == "train" and row["label"] in index:
+                p = Path(row["path"])
+                paths.append(p if p.is_absolute() or p.exists() else data_dir / p)
+    pick = np.random.default_rng(0).permutation(len(paths))[:n]
+    calib = preprocess_batch([load_image(paths[i]) for i in pick], bundle.input_spec)
+    return quantize_onnx(bundle.root / "model.onnx", out, calib, signed_activations=True)
 
 
 # --------------------------------------------------------------------------- cold start / RSS
@@ -174,6 +205,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(row)
         log.info("%s: median %.2f ms, acc %.4f", name, row["median_ms"], row["accuracy"])
 
+    if args.compare_s8s8 and args.manifest is not None and (bundle.root / "model.onnx").is_file():
+        import tempfile
+
+        from plantml.export import onnxruntime_runner
+
+        with tempfile.TemporaryDirectory(prefix="s8s8-") as tmp:
+            path = s8s8_variant(bundle, args.manifest, args.data_dir, Path(tmp) / "model.s8s8.onnx")
+            fn = onnxruntime_runner(path, threads=args.threads)
+            rows.append({"name": "onnxruntime int8 S8S8 (previous scheme, not in bundle)", "runtime": "onnxruntime",
+                         "precision": "int8", "hint": None, "not_in_bundle": True,
+                         **latency_stats(fn, one, args.runs, args.warmup),
+                         "size_bytes": path.stat().st_size, **accuracy(fn, x, y)})
+
     torch_ms = next((r["median_ms"] for r in rows if r["runtime"] == "torch"), None)
     fp32_acc = {r["runtime"]: r["accuracy"] for r in rows if r["precision"] == "fp32" and r.get("hint") in (None, "f32")
                 and r["runtime"] != "torch" and "accuracy" in r}
@@ -186,7 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if r["precision"] == "int8" and r.get("accuracy") is not None:
             r["accuracy_drop_pt"] = (fp32_acc[r["runtime"]] - r["accuracy"]) * 100
 
-    int8 = [r for r in rows if r["precision"] == "int8" and not r.get("missing")]
+    int8 = [r for r in rows if r["precision"] == "int8" and not r.get("missing") and not r.get("not_in_bundle")]
     best = min(int8, key=lambda r: r["median_ms"]) if int8 else None
     goals = None
     if best is not None and torch_ms:
@@ -302,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--binary", action="append", default=[], help="also time this plantml-edge binary (repeatable)")
     ap.add_argument("--cold-repeats", type=int, default=3)
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--compare-s8s8", action="store_true",
+                    help="also time an S8S8 ONNX INT8 model built from the bundle (needs --manifest)")
     ap.add_argument("--skip-process", action="store_true", help="skip cold start / peak RSS")
     ap.add_argument("--json", type=Path, default=None, help="write the full report as JSON here")
     ap.add_argument("--markdown", type=Path, default=None, help="write the markdown table here too")

@@ -25,7 +25,7 @@ torch.save(c['state_dict'], '$R/model_state.pt')"
 # 2. Edge: binary, then latency/size/accuracy of every runtime and precision (issue 4 bars).
 edge/build_binary.sh > "$R/edge_build.log" 2>&1 && ls -l dist/plantml-edge >> "$R/edge_build.log"
 $PY benchmarks/edge_bench.py --bundle "$BUNDLE" --data-dir "$SAMPLE" --manifest "$R/real_manifest.csv" \
-  --binary dist/plantml-edge --json "$R/edge_bench.json" > "$R/edge_bench.md" 2> "$R/edge_bench.log"
+  --binary dist/plantml-edge --compare-s8s8 --json "$R/edge_bench.json" > "$R/edge_bench.md" 2> "$R/edge_bench.log"
 
 # 3. Serving under load vs a plain Flask + torch server (issue 3 bars).
 $PY benchmarks/serve_load.py --bundle "$BUNDLE" --weights "$R/model_state.pt" --images "$SAMPLE" \

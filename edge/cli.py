@@ -26,7 +26,7 @@ import time
 from typing import Any, Sequence, TextIO
 
 EXIT_OK, EXIT_FAILED_FILES, EXIT_USAGE = 0, 1, 2
-CSV_COLUMNS = ("path", "label", "confidence", "abstained", "top_k", "error")
+CSV_COLUMNS = ("path", "label", "confidence", "abstained", "abstain_reason", "ood_score", "top_k", "error")
 
 log = logging.getLogger("plantml-edge")
 
@@ -196,6 +196,8 @@ class _RowWriter:
             flat["confidence"] = f"{flat['confidence']:.6f}"
         if "abstained" in flat:
             flat["abstained"] = str(flat["abstained"]).lower()
+        if flat.get("ood_score") is not None:
+            flat["ood_score"] = f"{flat['ood_score']:.4f}"
         self._csv.writerow(flat)
 
 

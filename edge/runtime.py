@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from plantml.bundle import Bundle, BundleError, load_bundle
+from plantml.ood import decide
 from plantml.preprocess import (
     IMAGE_EXTENSIONS,
     ImageDecodeError,
@@ -92,7 +93,7 @@ def _fmt(pairs: Iterable[tuple[str, str]]) -> str:
     return ", ".join(f"{r}/{p}" for r, p in pairs) or "none"
 
 
-def _onnxruntime_session(path: Path, threads: int | None) -> tuple[Any, Callable[[np.ndarray], np.ndarray]]:
+def _onnxruntime_session(path: Path, threads: int | None) -> tuple[Any, Callable[[np.ndarray], list[np.ndarray]]]:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -101,10 +102,11 @@ def _onnxruntime_session(path: Path, threads: int | None) -> tuple[Any, Callable
         opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    return sess, lambda x: sess.run(None, {name: x})[0]
+    return sess, lambda x: sess.run(None, {name: x})
 
 
-def _openvino_compiled(path: Path, threads: int | None, f32: bool) -> tuple[Any, Callable[[np.ndarray], np.ndarray]]:
+def _openvino_compiled(path: Path, threads: int | None,
+                       f32: bool) -> tuple[Any, Callable[[np.ndarray], list[np.ndarray]]]:
     import openvino as ov
 
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
@@ -117,9 +119,10 @@ def _openvino_compiled(path: Path, threads: int | None, f32: bool) -> tuple[Any,
     compiled = ov.Core().compile_model(str(path), "CPU", config)
     request = compiled.create_infer_request()
 
-    def run(x: np.ndarray) -> np.ndarray:
-        # The request reuses its output buffer: copy before the next call overwrites it.
-        return np.array(request.infer([x])[0], copy=True)
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        # The request reuses its output buffers: copy before the next call overwrites them.
+        res = request.infer([x])
+        return [np.array(res[out], copy=True) for out in compiled.outputs]
 
     return compiled, run
 
@@ -185,36 +188,49 @@ class EdgeModel:
             ),
         }
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Raw logits for a preprocessed ``NCHW`` float32 batch."""
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(logits, ood_scores or None)`` for a preprocessed ``NCHW`` float32 batch."""
         x = np.ascontiguousarray(batch, dtype=np.float32)
         expected = (3, self.spec.size, self.spec.size)
         if x.ndim != 4 or x.shape[1:] != expected:
             raise EdgeError(f"input batch must have shape (N, {', '.join(map(str, expected))}), got {x.shape}")
-        return self._run(x)
+        outs = self._run(x)
+        scores = outs[1].reshape(-1) if len(outs) > 1 and self.bundle.ood_threshold is not None else None
+        return outs[0], scores
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw logits for a preprocessed ``NCHW`` float32 batch."""
+        return self.outputs(batch)[0]
 
     def predict_images(self, images: Sequence[Image.Image], k: int = 5) -> list[dict[str, Any]]:
         """Classify decoded RGB images.
 
         Returns:
-            one ``{"label", "confidence", "top_k": [{"label", "confidence"}], "abstained"}``
-            per image, in order. ``confidence`` is the temperature-scaled softmax of the
-            top class; ``abstained`` is true when it is below the bundle's abstain threshold.
+            one ``{"label", "confidence", "top_k": [{"label", "confidence"}], "abstained",
+            "abstain_reason"}`` per image, in order (plus ``"ood_score"`` when the bundle's
+            model has one). ``confidence`` is the temperature-scaled softmax of the top
+            class; ``abstained`` follows :func:`plantml.ood.decide`: the OOD score above the
+            bundle's ``ood_threshold`` (reason ``out_of_distribution``), or else the
+            confidence below its abstain threshold (``low_confidence``).
         """
         if not images:
             return []
-        probs = softmax(self.logits(preprocess_batch(images, self.spec)), self.bundle.temperature)
-        threshold = self.bundle.abstain_threshold
+        logits, scores = self.outputs(preprocess_batch(images, self.spec))
+        probs = softmax(logits, self.bundle.temperature)
+        abstained, reasons = decide(probs, scores, self.bundle.abstain_threshold, self.bundle.ood_threshold)
         out = []
-        for p in probs:
+        for i, p in enumerate(probs):
             best = int(np.argmax(p))
-            conf = float(p[best])
-            out.append({
+            row = {
                 "label": self.classes[best],
-                "confidence": conf,
+                "confidence": float(p[best]),
                 "top_k": top_k(p, self.classes, k),
-                "abstained": bool(conf < threshold),
-            })
+                "abstained": bool(abstained[i]),
+                "abstain_reason": reasons[i],
+            }
+            if scores is not None:
+                row["ood_score"] = float(scores[i])
+            out.append(row)
         return out
 
     def predict_paths(self, paths: Sequence[str | Path], k: int = 5, batch_size: int = 8) -> list[dict[str, Any]]:

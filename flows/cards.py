@@ -111,6 +111,24 @@ def evaluate_card(report: Mapping[str, Any], train_errors: Mapping[str, str]) ->
     ))
     parts += _img(champ["plots"].get("reliability"), "reliability diagram")
     parts += _img(report["plots"].get("coverage"), "coverage vs accuracy")
+    ood = report.get("ood")
+    if ood:
+        rates = ood["rejection_rate"]
+        nl = report["non_leaf"]
+        conf_only = champ.get("calibration_confidence_only", {})
+        parts.append(Markdown(
+            "## Out-of-distribution score (champion)\nMahalanobis distance of the penultimate features to the "
+            f"nearest class ({ood['components']} of {ood['feature_dim']} directions, Ledoit-Wolf shrinkage "
+            f"{ood['shrinkage']:.3f}, fitted on {ood['n_fit']} training images); threshold **{ood['threshold']:.3f}** "
+            f"= the {ood['acceptance']:.0%} quantile of validation scores. Rejected: validation "
+            f"{rates.get('validation', float('nan')):.1%}, test **{rates.get('test', float('nan')):.1%}**, generated "
+            f"non-leaves **{rates.get('generated_non_leaves', float('nan')):.0%}**, non-leaf photos "
+            f"**{rates.get('non_leaf_photos', float('nan')):.0%}**. Without the OOD rule (confidence only) the "
+            f"non-leaf abstain rates would be {nl.get('abstain_rate_confidence_only', float('nan')):.0%} and "
+            f"{nl.get('photo_abstain_rate_confidence_only', float('nan')):.0%}, and test accuracy on answered "
+            f"{_f(conf_only.get('test_accuracy_at_threshold'))} at coverage {_f(conf_only.get('test_coverage'), 3)}."
+        ))
+        parts += _img(report["plots"].get("ood"), "OOD score histogram")
     rs = report["robustness"]["summary"]
     bb = report["background_baseline"]
     parts.append(Markdown(
@@ -141,8 +159,14 @@ def export_card(bundle_path: str, metadata: Mapping[str, Any], registered: Mappi
     parts.append(Table(rows, headers=["file", "format", "runtime", "precision", "role", "MB",
                                       "max |Δ| vs torch", "sha256"]))
     if parity:
-        parts.append(Table([[k] + [_f(v.get(f"batch_{b}"), 8) for b in (1, 2, 8)] for k, v in parity.items()],
-                           headers=["runtime", "batch 1", "batch 2", "batch 8"]))
+        parts.append(Table([[k] + [_f(v.get(f"batch_{b}"), 8) for b in (1, 2, 8)] for k, v in parity.items()
+                            if k != "ood_score"], headers=["runtime", "batch 1", "batch 2", "batch 8"]))
+    if "ood_score" in parity:
+        parts.append(Markdown("Second output `ood_score` (out-of-distribution score), max relative difference vs "
+                              "torch at batch 8: "
+                              + ", ".join(f"{k} {_f(v, 8)}" for k, v in parity["ood_score"].items())
+                              + f"; abstain above `calibration.ood_threshold` = "
+                              f"{_f(metadata.get('calibration', {}).get('ood_threshold'))}."))
     int8 = metadata.get("int8")
     if int8:
         gate = int8.get("gate", {})

@@ -14,7 +14,9 @@ A bundle is a directory::
 ``classes`` (ordered as the model's outputs), ``input`` (:class:`InputSpec`), ``files``
 (list of ``{path, format, runtime, precision, role, sha256, bytes}``), ``metrics``
 (``{"fp32": {...}, "int8_openvino": {...}, ...}``), ``calibration`` (``temperature``,
-``abstain_threshold``), ``lineage`` (``metaflow_run_id``, ``mlflow_run_id``,
+``abstain_threshold``, and ``ood_threshold`` when the model has an ``ood_score`` output),
+``outputs`` (the model's output names, ``["logits"]`` or ``["logits", "ood_score"]``),
+``lineage`` (``metaflow_run_id``, ``mlflow_run_id``,
 ``data_manifest_sha256``, ``git_commit``, ``created_at``) and ``params``.
 
 Bundles are written atomically by :class:`BundleWriter` (a hidden temporary directory
@@ -96,6 +98,18 @@ class Bundle:
         return float(self.metadata.get("calibration", {}).get("abstain_threshold", 0.0))
 
     @property
+    def ood_threshold(self) -> float | None:
+        """Largest ``ood_score`` still answered (``calibration.ood_threshold``), or ``None``
+        for a bundle whose model has no OOD output (then only the confidence rule applies)."""
+        value = self.metadata.get("calibration", {}).get("ood_threshold")
+        return None if value is None else float(value)
+
+    @property
+    def outputs(self) -> list[str]:
+        """Names of the model's outputs (``["logits"]`` or ``["logits", "ood_score"]``)."""
+        return list(self.metadata.get("outputs", ["logits"]))
+
+    @property
     def name(self) -> str:
         return str(self.metadata["name"])
 
@@ -138,6 +152,12 @@ def validate_metadata(meta: Mapping[str, Any], where: str = "metadata.json") -> 
         for key in ("path", "format", "runtime", "precision", "sha256"):
             if key not in f:
                 raise BundleError(f"{where}: a files entry lacks {key!r}: {f}")
+    ood = meta["calibration"].get("ood_threshold") if isinstance(meta["calibration"], Mapping) else None
+    if ood is not None:
+        if not isinstance(ood, (int, float)) or not ood > 0:
+            raise BundleError(f"{where}: calibration.ood_threshold must be a positive number, got {ood!r}")
+        if "ood_score" not in meta.get("outputs", []):
+            raise BundleError(f"{where}: calibration.ood_threshold is set but the model has no 'ood_score' output")
     try:
         InputSpec.from_dict(meta["input"])
     except (TypeError, ValueError) as exc:

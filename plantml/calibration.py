@@ -345,8 +345,13 @@ def choose_abstain_threshold(
     }
 
 
-def selective_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+def selective_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float,
+                      in_distribution: np.ndarray | None = None) -> dict[str, float]:
     """Coverage and accuracy of the predictions with confidence ``>= threshold``.
+
+    Args:
+        in_distribution: optional ``(N,)`` bool mask of inputs the OOD score lets through;
+            the others count as abstained whatever their confidence.
 
     Returns:
         ``{"threshold", "coverage", "accuracy", "n", "n_accepted"}``; ``accuracy`` is NaN
@@ -357,6 +362,8 @@ def selective_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float) -
         raise ValueError("selective_metrics: no predictions given")
     conf, correct = _confidence_correct(probs, labels)
     accepted = conf >= float(threshold)
+    if in_distribution is not None:
+        accepted &= _check_mask(in_distribution, len(conf), "selective_metrics")
     n_acc = int(accepted.sum())
     return {
         "threshold": float(threshold),
@@ -365,6 +372,14 @@ def selective_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float) -
         "n": int(len(conf)),
         "n_accepted": n_acc,
     }
+
+
+def _check_mask(mask: Any, n: int, what: str) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.shape != (n,) or mask.dtype != bool:
+        raise ValueError(f"{what}: the in-distribution mask must be a bool array of shape ({n},), "
+                         f"got {mask.dtype} {mask.shape}")
+    return mask
 
 
 # --------------------------------------------------------------------------- summary
@@ -378,6 +393,8 @@ def calibration_summary(
     target_precision: float,
     min_coverage: float,
     n_bins: int = 15,
+    val_in_distribution: np.ndarray | None = None,
+    test_in_distribution: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Fit the temperature and the abstain threshold on validation; measure them on test.
 
@@ -387,6 +404,11 @@ def calibration_summary(
         target_precision: accuracy wanted on accepted predictions (``calibration.target_precision``).
         min_coverage: coverage floor for the threshold fallback (``calibration.min_coverage``).
         n_bins: ECE bins.
+        val_in_distribution, test_in_distribution: optional bool masks of the images the
+            OOD score lets through (:mod:`plantml.ood`). The confidence threshold is then
+            chosen among the validation images that pass, and test coverage/accuracy count
+            an image as answered only if it passes both rules (coverages stay relative to
+            the whole split).
 
     Returns:
         ``{"temperature", "ece_uncalibrated", "ece", "ece_ci95", "abstain_threshold", "test_coverage",
@@ -411,8 +433,13 @@ def calibration_summary(
     temperature = fit_temperature(val_logits, val_labels)
     val_raw, val_cal = softmax(val_logits), softmax(val_logits, temperature)
     test_raw, test_cal = softmax(test_logits), softmax(test_logits, temperature)
-    choice = choose_abstain_threshold(val_cal, val_labels, target_precision, min_coverage)
-    at_test = selective_metrics(test_cal, test_labels, choice["threshold"])
+    val_mask = (np.ones(len(val_labels), bool) if val_in_distribution is None
+                else _check_mask(val_in_distribution, len(val_labels), "calibration_summary (val)"))
+    if not val_mask.any():
+        raise ValueError("calibration_summary: the OOD rule rejects every validation image")
+    choice = choose_abstain_threshold(val_cal[val_mask], val_labels[val_mask], target_precision, min_coverage)
+    choice["coverage"] *= float(val_mask.mean())  # relative to the whole validation split
+    at_test = selective_metrics(test_cal, test_labels, choice["threshold"], test_in_distribution)
     return {
         "temperature": float(temperature),
         "ece_uncalibrated": expected_calibration_error(test_raw, test_labels, n_bins),
@@ -504,6 +531,7 @@ def reliability_diagram(
 def coverage_accuracy_plot(
     curve: dict[str, Sequence[float]], chosen_threshold: float | None, path: str | os.PathLike[str],
     target_precision: float | None = None,
+    operating_point: tuple[float, float] | None = None,
 ) -> Path:
     """Accuracy of accepted predictions vs coverage, with the chosen threshold marked.
 
@@ -512,6 +540,8 @@ def coverage_accuracy_plot(
         chosen_threshold: the abstain threshold to mark (``None``: no marker).
         path: PNG to write.
         target_precision: drawn as a horizontal line when given.
+        operating_point: ``(coverage, accuracy)`` of the full rule (confidence threshold
+            *and* OOD score), marked separately when given; the curve is confidence only.
 
     Returns:
         ``path``.
@@ -535,6 +565,9 @@ def coverage_accuracy_plot(
         i = int(np.argmax(kept)) if kept.any() else len(t) - 1
         ax.plot([cov[i]], [acc[i]], "o", color="tab:red", ms=8,
                 label=f"threshold {chosen_threshold:.4f}: coverage {cov[i]:.3f}, accuracy {acc[i]:.4f}")
+    if operating_point is not None and np.isfinite(operating_point[1]):
+        ax.plot([operating_point[0]], [operating_point[1]], "D", color="tab:green", ms=8,
+                label=f"with the OOD rule: coverage {operating_point[0]:.3f}, accuracy {operating_point[1]:.4f}")
     ax.set_xlabel("coverage (share of inputs answered)")
     ax.set_ylabel("accuracy of answered inputs")
     ax.set_xlim(0, 1.02)

@@ -103,6 +103,22 @@ class EvaluateParams:
 class CalibrationParams:
     target_precision: float = 0.99
     min_coverage: float = 0.5
+    ood_enabled: bool = True
+    ood_acceptance: float = 0.95
+    ood_components: int = 64
+    ood_max_fit_images: int = 3000
+
+    def validate(self) -> None:
+        if not 0.0 < self.target_precision <= 1.0:
+            raise ParamsError(f"calibration.target_precision must be in (0, 1], got {self.target_precision}")
+        if not 0.0 <= self.min_coverage <= 1.0:
+            raise ParamsError(f"calibration.min_coverage must be in [0, 1], got {self.min_coverage}")
+        if not 0.5 <= self.ood_acceptance <= 1.0:
+            raise ParamsError(f"calibration.ood_acceptance must be in [0.5, 1], got {self.ood_acceptance}")
+        if self.ood_components < 1:
+            raise ParamsError(f"calibration.ood_components must be >= 1, got {self.ood_components}")
+        if self.ood_max_fit_images < 20:
+            raise ParamsError(f"calibration.ood_max_fit_images must be >= 20, got {self.ood_max_fit_images}")
 
 
 @dataclass(frozen=True)

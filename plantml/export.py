@@ -43,20 +43,22 @@ def export_onnx(model: Any, path: Path, image_size: int, opset: int = 18) -> Pat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.randn(2, 3, image_size, image_size)
+    # A ScoredClassifier also returns the OOD score: a second named output.
+    outputs = list(getattr(model, "output_names", ("logits",)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
                 model, (dummy,), str(path), dynamo=False, opset_version=opset,
-                input_names=["input"], output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                input_names=["input"], output_names=outputs,
+                dynamic_axes={"input": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
             )
         except Exception as exc:  # noqa: BLE001 - fall back to the torch.export-based exporter
             log.warning("legacy ONNX export failed (%s); trying dynamo=True", exc)
             batch = torch.export.Dim("batch", min=1, max=1024)
             torch.onnx.export(
                 model, (dummy,), str(path), dynamo=True, opset_version=opset,
-                input_names=["input"], output_names=["logits"], dynamic_shapes=({0: batch},),
+                input_names=["input"], output_names=outputs, dynamic_shapes=({0: batch},),
             )
     _merge_external_data(path)
     return path
@@ -85,8 +87,11 @@ def export_openvino(onnx_path: Path, xml_path: Path) -> Path:
     return xml_path
 
 
-def onnxruntime_runner(path: Path, threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
-    """A ``batch -> logits`` function over an ONNX Runtime CPU session."""
+def onnxruntime_runner(path: Path, threads: int = 1, output: int | None = 0) -> Callable[[np.ndarray], Any]:
+    """A ``batch -> logits`` function over an ONNX Runtime CPU session.
+
+    ``output``: which output to return (0: logits); ``None`` returns the list of all outputs.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -94,11 +99,20 @@ def onnxruntime_runner(path: Path, threads: int = 1) -> Callable[[np.ndarray], n
     opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    def run(x: np.ndarray) -> Any:
+        outs = sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})
+        return outs if output is None else outs[output]
+
+    return run
 
 
-def openvino_runner(xml_path: Path, threads: int = 1, f32: bool = True) -> Callable[[np.ndarray], np.ndarray]:
-    """A ``batch -> logits`` function over OpenVINO CPU (``f32`` forces FP32 inference)."""
+def openvino_runner(xml_path: Path, threads: int = 1, f32: bool = True,
+                    output: int | None = 0) -> Callable[[np.ndarray], Any]:
+    """A ``batch -> logits`` function over OpenVINO CPU (``f32`` forces FP32 inference).
+
+    ``output``: which output to return (0: logits); ``None`` returns the list of all outputs.
+    """
     import openvino as ov
 
     core = ov.Core()
@@ -106,18 +120,29 @@ def openvino_runner(xml_path: Path, threads: int = 1, f32: bool = True) -> Calla
     if f32:
         config["INFERENCE_PRECISION_HINT"] = "f32"
     compiled = core.compile_model(str(xml_path), "CPU", config)
-    return lambda x: compiled(np.ascontiguousarray(x, dtype=np.float32))[0]
+
+    def run(x: np.ndarray) -> Any:
+        res = compiled(np.ascontiguousarray(x, dtype=np.float32))
+        outs = [res[o] for o in compiled.outputs]
+        return outs if output is None else outs[output]
+
+    return run
 
 
-def torch_runner(model: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """A ``batch -> logits`` function over torch eager (CPU, no grad)."""
+def torch_runner(model: Any, output: int | None = 0) -> Callable[[np.ndarray], Any]:
+    """A ``batch -> logits`` function over torch eager (CPU, no grad).
+
+    ``output``: which output of a multi-output model to return; ``None``: all, as a list.
+    """
     import torch
 
     model = model.eval().cpu()
 
-    def run(x: np.ndarray) -> np.ndarray:
+    def run(x: np.ndarray) -> Any:
         with torch.inference_mode():
-            return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+            res = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        outs = [t.numpy() for t in res] if isinstance(res, (tuple, list)) else [res.numpy()]
+        return outs if output is None else outs[output]
 
     return run
 
@@ -153,6 +178,29 @@ def parity_report(
             diffs[f"batch_{b}"] = float(np.max(np.abs(got - ref)))
         diffs["max"] = max(diffs.values())
         out[name] = diffs
+    return out
+
+
+def _ood_parity(model: Any, bundle_dir: Path, inputs: np.ndarray, tolerance: float) -> dict[str, float]:
+    """Max relative difference of the exported ``ood_score`` output vs torch (batch 8).
+
+    Relative (to ``max(1, |score|)``) because the score is a distance whose scale has
+    nothing to do with the logits'.
+
+    Raises:
+        ExportError: beyond ``tolerance``.
+    """
+    x = inputs[:8] if len(inputs) >= 8 else np.concatenate([inputs] * int(np.ceil(8 / max(1, len(inputs)))))[:8]
+    ref = torch_runner(model, output=1)(x)
+    out = {}
+    for name, run in (("onnxruntime_fp32", onnxruntime_runner(bundle_dir / "model.onnx", output=1)),
+                      ("openvino_fp32", openvino_runner(bundle_dir / "openvino" / "model.xml", output=1))):
+        got = run(x).reshape(ref.shape)
+        out[name] = float(np.max(np.abs(got - ref) / np.maximum(1.0, np.abs(ref))))
+    bad = {k: v for k, v in out.items() if v > tolerance}
+    if bad:
+        raise ExportError("exported ood_score disagrees with torch: "
+                          + ", ".join(f"{k} max rel diff {v:.2e}" for k, v in bad.items()))
     return out
 
 
@@ -231,8 +279,12 @@ def export_bundle(
                 f"exported model disagrees with torch beyond {parity_tolerance}: "
                 + ", ".join(f"{k} max abs diff {v:.2e}" for k, v in bad.items())
             )
+        outputs = list(getattr(model, "output_names", ("logits",)))
+        if len(outputs) > 1:
+            parity["ood_score"] = _ood_parity(model, writer.dir, parity_inputs, parity_tolerance)
         metadata: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
+            "outputs": outputs,
             "name": name,
             "version": version,
             "architecture": architecture,

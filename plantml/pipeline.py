@@ -150,6 +150,7 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
     report: dict[str, Any] = {"classes": classes, "is_demo": is_demo, "models": {}, "plots": {}}
     models: dict[str, Any] = {}
     test_logits_of: dict[str, np.ndarray] = {}
+    val_logits_of: dict[str, np.ndarray] = {}
     for name, res in results.items():
         model, _ = load_checkpoint(checkpoints[name])
         models[name] = model
@@ -157,6 +158,7 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
         test_logits = predict_logits(model, x_test, spec)
         val_logits = predict_logits(model, x_val, spec)
         test_logits_of[name] = test_logits
+        val_logits_of[name] = val_logits
         m = classification_metrics(y_test, softmax(test_logits), classes)
         calib = cal.calibration_summary(val_logits, y_val, test_logits, y_test,
                                         params.calibration.target_precision, params.calibration.min_coverage)
@@ -189,8 +191,19 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
                                                          out / "plots" / "training_curves.png"))
     report["plots"]["comparison"] = str(plot_comparison(report["models"], out / "plots" / "comparison.png"))
 
-    # Beyond the random split: corruptions, background-only baseline, non-leaf inputs.
+    # Beyond the random split: out-of-distribution score, corruptions, background-only
+    # baseline, non-leaf inputs.
     spec = InputSpec(size=size, mean=tuple(results[champion]["mean"]), std=tuple(results[champion]["std"]))
+    detector = None
+    if params.calibration.ood_enabled:
+        detector, report["ood"], ood_masks = _fit_ood(params, models[champion], spec, rows, classes,
+                                                      (x_val, x_test), out, progress)
+        # The confidence threshold is re-chosen among the validation images the OOD rule lets through.
+        champ["calibration_confidence_only"] = champ["calibration"]
+        champ["calibration"] = cal.calibration_summary(
+            val_logits_of[champion], y_val, test_logits_of[champion], y_test, params.calibration.target_precision,
+            params.calibration.min_coverage, val_in_distribution=ood_masks[0], test_in_distribution=ood_masks[1])
+        report["calibration"] = champ["calibration"]
     predict = _torch_proba(models[champion], spec, champ["calibration"]["temperature"])
     sub = _stratified_subset(rows_for(rows, "test"), params.robustness.max_images, params.data.seed)
     sub_images = [load_image(r.path) for r in sub]
@@ -206,21 +219,91 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
         sub_images, sub_labels, border=params.robustness.background_border, seed=params.data.seed)
     non_leaf = rob.non_leaf_images(n=60, size=max(size, 224), seed=params.data.seed)
     photos = rob.non_leaf_photos(n=12, size=max(size, 224), seed=params.data.seed)
-    threshold = champ["calibration"]["abstain_threshold"]
-    report["non_leaf"] = {
-        "n": len(non_leaf), "abstain_rate": rob.abstain_rate(predict(non_leaf), threshold),
-        "n_photos": len(photos), "photo_abstain_rate": rob.abstain_rate(predict(photos), threshold),
-    }
+    report["non_leaf"] = _non_leaf_report(models[champion], spec, champ["calibration"], detector,
+                                          report.get("ood", {}).get("threshold"), non_leaf, photos)
+    if detector is not None:
+        report["ood"]["rejection_rate"].update(generated_non_leaves=report["non_leaf"]["ood_rate"],
+                                               non_leaf_photos=report["non_leaf"]["photo_ood_rate"])
+        report["plots"]["ood"] = str(_ood_histogram(report["ood"], report["non_leaf"],
+                                                    out / "plots" / "ood_scores.png"))
+    calib = champ["calibration"]
     report["plots"]["coverage"] = str(cal.coverage_accuracy_plot(
-        cal.coverage_accuracy_curve(softmax(test_logits_of[champion], champ["calibration"]["temperature"]), y_test),
-        champ["calibration"]["abstain_threshold"], out / "plots" / "coverage_accuracy.png",
-        target_precision=params.calibration.target_precision))
+        cal.coverage_accuracy_curve(softmax(test_logits_of[champion], calib["temperature"]), y_test),
+        calib["abstain_threshold"], out / "plots" / "coverage_accuracy.png",
+        target_precision=params.calibration.target_precision,
+        operating_point=(calib["test_coverage"], calib["test_accuracy_at_threshold"]) if detector is not None
+        else None))
 
     (out / "metrics.json").write_text(json.dumps(_dvc_metrics(report), indent=2))
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     _write_plot_tables(report, out / "plots")
 
     return report
+
+
+def _fit_ood(params: Params, model: Any, spec: InputSpec, rows: Sequence[ManifestRow], classes: Sequence[str],
+             eval_images: tuple[np.ndarray, np.ndarray], out: Path,
+             progress: bool) -> tuple[Any, dict[str, Any], tuple[np.ndarray, np.ndarray]]:
+    """Fit the champion's OOD detector on training features; threshold on validation.
+
+    Returns:
+        ``(detector, report["ood"], (val_in_distribution, test_in_distribution))``; the
+        detector is also saved to ``out/ood_detector.npz`` (its path is in the report) for
+        the export step.
+    """
+    from plantml import ood
+    from plantml.models.scored import extract_features
+    from plantml.training import normalize_batch
+
+    c = params.calibration
+    fit_rows = _stratified_subset(rows_for(rows, "train"), c.ood_max_fit_images, params.data.seed)
+    x_fit, y_fit = load_images(fit_rows, classes, spec.size, progress, desc="load train (OOD fit)")
+    detector = ood.fit_feature_detector(extract_features(model, normalize_batch(x_fit, spec))[0], y_fit,
+                                        len(classes), c.ood_components)
+    del x_fit
+    val_scores, test_scores = (detector.score(extract_features(model, normalize_batch(x, spec))[0])
+                               for x in eval_images)
+    threshold = ood.choose_ood_threshold(val_scores, c.ood_acceptance)
+    summary = ood.summary_dict(detector, threshold, c.ood_acceptance, {
+        "validation": ood.rejection_rate(val_scores, threshold), "test": ood.rejection_rate(test_scores, threshold)})
+    summary["detector_path"] = str(detector.save(out / "ood_detector.npz"))
+    summary["scores"] = {"validation": val_scores.tolist(), "test": test_scores.tolist()}
+    log.info("OOD threshold %.4f (%.0f %% of validation accepted); test rejected %.3f", threshold,
+             100 * c.ood_acceptance, summary["rejection_rate"]["test"])
+    return detector, summary, (val_scores <= threshold, test_scores <= threshold)
+
+
+def _non_leaf_report(model: Any, spec: InputSpec, calib: Mapping[str, Any], detector: Any,
+                     ood_threshold: float | None, non_leaf: Sequence[Any], photos: Sequence[Any]) -> dict[str, Any]:
+    """Abstention on generated non-leaf images and non-leaf photos, with and without the OOD rule."""
+    from plantml import ood
+    from plantml.models.scored import extract_features
+
+    out: dict[str, Any] = {"n": len(non_leaf), "n_photos": len(photos)}
+    for key, images in (("", non_leaf), ("photo_", photos)):
+        if not images:
+            out.update({f"{key}abstain_rate": float("nan"), f"{key}abstain_rate_confidence_only": float("nan")})
+            continue
+        feats, logits = extract_features(model, preprocess_batch(list(images), spec))
+        probs = softmax(logits, calib["temperature"])
+        scores = detector.score(feats) if detector is not None else None
+        abstained, _ = ood.decide(probs, scores, calib["abstain_threshold"], ood_threshold)
+        out[f"{key}abstain_rate"] = float(abstained.mean())
+        out[f"{key}abstain_rate_confidence_only"] = float(np.mean(probs.max(1) < calib["abstain_threshold"]))
+        if scores is not None:
+            out[f"{key}ood_rate"] = ood.rejection_rate(scores, ood_threshold)
+            out[f"{key}scores"] = scores.tolist()
+    return out
+
+
+def _ood_histogram(ood_report: Mapping[str, Any], non_leaf: Mapping[str, Any], path: Path) -> Path:
+    from plantml.ood import score_histogram
+
+    groups = {"validation leaves": np.asarray(ood_report["scores"]["validation"]),
+              "test leaves": np.asarray(ood_report["scores"]["test"]),
+              "generated non-leaves": np.asarray(non_leaf.get("scores", [])),
+              "non-leaf photos": np.asarray(non_leaf.get("photo_scores", []))}
+    return score_histogram(groups, ood_report["threshold"], path)
 
 
 def enforce_quality_gates(params: Params, report: Mapping[str, Any]) -> None:
@@ -254,6 +337,7 @@ def _dvc_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
         "robustness_relative_accuracy": report["robustness"]["summary"]["relative_accuracy"],
         "background_baseline_accuracy": report["background_baseline"].get("accuracy"),
         "non_leaf_abstain_rate": report["non_leaf"]["abstain_rate"],
+        "non_leaf_photo_abstain_rate": report["non_leaf"]["photo_abstain_rate"],
     }
     for name, m in report["models"].items():
         out[name] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "latency_ms": m["latency_ms"]}
@@ -302,6 +386,14 @@ def export_champion(params: Params, report: Mapping[str, Any], train_result: Map
 
     torch.set_num_threads(available_cores())
     model, _ = load_checkpoint(checkpoint)
+    ood_report = report.get("ood")
+    exported = model
+    if ood_report:
+        from plantml.models.scored import scored_classifier
+        from plantml.ood import FeatureDetector
+
+        # The bundle's model returns (logits, ood_score): serving and edge read both.
+        exported = scored_classifier(model, FeatureDetector.load(ood_report["detector_path"]))
     classes, size = train_result["classes"], train_result["image_size"]
     spec = InputSpec(size=size, mean=tuple(train_result["mean"]), std=tuple(train_result["std"]))
     test_rows = rows_for(rows, "test")
@@ -329,12 +421,16 @@ def export_champion(params: Params, report: Mapping[str, Any], train_result: Map
     # The reference is computed on the original files, as the service sees uploads (not the resized inputs).
     steps.append(reference_stats_step([r.path for r in test_rows], [classes[i] for i in probs.argmax(1)], probs.max(1),
                                       embeddings=test_logits, embedding_source="logits"))
+    calibration = {"temperature": calib["temperature"], "abstain_threshold": calib["abstain_threshold"],
+                   "target_precision": params.calibration.target_precision}
+    if ood_report:
+        calibration["ood_threshold"] = ood_report["threshold"]
+        metrics["ood"] = {k: v for k, v in ood_report.items() if k not in ("scores", "detector_path")}
     out = repo_path(out_root or params.export.out_dir)
     path, metadata = export_bundle(
-        model, out_root=out, name=params.export.name, architecture=train_result["arch"], classes=classes,
+        exported, out_root=out, name=params.export.name, architecture=train_result["arch"], classes=classes,
         input_spec=spec, parity_inputs=test_nchw[:8], metrics=metrics, lineage=lineage, params=params.to_dict(),
-        calibration={"temperature": calib["temperature"], "abstain_threshold": calib["abstain_threshold"],
-                     "target_precision": params.calibration.target_precision},
+        calibration=calibration,
         opset=params.export.opset, parity_tolerance=params.export.parity_tolerance, extra_steps=steps,
     )
     return path, metadata

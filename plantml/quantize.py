@@ -34,7 +34,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -140,6 +140,27 @@ def is_transformer(architecture: str | None) -> bool:
     return "vit" in name or "deit" in name or "transformer" in name
 
 
+#: Prefix of the node names of the wrapped classifier inside an exported ScoredClassifier
+#: (torch's ONNX exporter names nodes by module path: ``/model/...``); every other
+#: computing node belongs to the OOD head.
+CLASSIFIER_NODE_PREFIX = "/model"
+
+
+def ood_head_nodes(names_and_types: Iterable[tuple[str, str]]) -> list[str]:
+    """Names of the OOD-score nodes of an exported :class:`~plantml.models.scored.ScoredClassifier`.
+
+    The OOD score subtracts nearly equal squared distances; 8-bit activations would
+    destroy it, and it costs a few thousand multiply-adds, so it stays FP32. Inputs,
+    outputs and constants are not nodes to exclude.
+
+    Args:
+        names_and_types: ``(node name, op type)`` of every node of the graph.
+    """
+    skip_types = {"Parameter", "Result", "Constant"}
+    return [name for name, op in names_and_types
+            if not name.startswith(CLASSIFIER_NODE_PREFIX) and op not in skip_types and name]
+
+
 def quantize_openvino(
     fp32_xml: Path, out_xml: Path, calibration_images: np.ndarray, *, transformer: bool = False
 ) -> Path:
@@ -162,6 +183,9 @@ def quantize_openvino(
     # One image per sample: the IR has a dynamic batch and NNCF collects statistics per sample.
     dataset = nncf.Dataset([images[i:i + 1] for i in range(len(images))])
     kwargs: dict[str, Any] = {"subset_size": len(images)}
+    if len(model.outputs) > 1:  # the OOD score output: keep its head in FP32
+        head = ood_head_nodes((op.get_friendly_name(), op.get_type_name()) for op in model.get_ordered_ops())
+        kwargs["ignored_scope"] = nncf.IgnoredScope(names=head, validate=False)
     if transformer:
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
         kwargs["preset"] = nncf.QuantizationPreset.MIXED
@@ -195,13 +219,18 @@ class _ArrayReader:
 
 def quantize_onnx(
     fp32_onnx: Path, out_onnx: Path, calibration_images: np.ndarray, *, per_channel: bool = True,
-    batch_size: int = 8,
+    batch_size: int = 8, signed_activations: bool = False,
 ) -> Path:
     """ONNX Runtime static QDQ INT8 quantization (per-channel weights, MinMax calibration).
 
     The model is first pre-processed (shape inference + graph optimisation), which is
-    what ONNX Runtime recommends before static quantization. Activations and weights are
-    signed INT8 (S8S8), ONNX Runtime's recommended default for QDQ on CPU.
+    what ONNX Runtime recommends before static quantization. Activations are unsigned and
+    weights signed (U8S8) with ``reduce_range`` (7-bit weights): on x86 CPUs without VNNI,
+    ONNX Runtime fuses U8S8 QDQ into ``QLinearConv`` everywhere, while with signed
+    activations (S8S8) it leaves the 1x1 convolutions as float ``Conv`` between
+    Quantize/Dequantize pairs; ``reduce_range`` avoids the 16-bit accumulator saturation
+    of ``vpmaddubsw`` on AVX2 (without it U8S8 agreed less often with FP32). The
+    comparison with S8S8 is in docs/benchmarks.md (``benchmarks/edge_bench.py --compare-s8s8``).
 
     Args:
         fp32_onnx: the FP32 model.
@@ -209,6 +238,8 @@ def quantize_onnx(
         calibration_images: preprocessed ``NCHW`` float32 images.
         per_channel: per-output-channel weight scales (needed for depthwise convolutions).
         batch_size: calibration batch (the model has a dynamic batch dimension).
+        signed_activations: S8S8 (no ``reduce_range``) instead of U8S8 + ``reduce_range``;
+            kept for the benchmark that compares the two.
 
     Returns:
         ``out_onnx``.
@@ -228,10 +259,16 @@ def quantize_onnx(
         except Exception as exc:  # noqa: BLE001 - pre-processing is an optimisation, not a requirement
             log.warning("ONNX quantization pre-processing failed (%s); quantizing the model as exported", exc)
             shutil.copyfile(fp32_onnx, prepped)
+        import onnx
+
+        graph = onnx.load(str(prepped), load_external_data=False).graph
+        exclude = ood_head_nodes((n.name, n.op_type) for n in graph.node) if len(graph.output) > 1 else []
         quantize_static(
             str(prepped), str(out_onnx), _ArrayReader(input_name, images, batch_size),
+            nodes_to_exclude=exclude or None,
             quant_format=QuantFormat.QDQ, per_channel=per_channel,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QInt8 if signed_activations else QuantType.QUInt8,
+            weight_type=QuantType.QInt8, reduce_range=not signed_activations,
             calibrate_method=CalibrationMethod.MinMax,
             # Bound calibration memory: merge ranges every few batches instead of keeping
             # every intermediate tensor of every calibration image.
@@ -318,7 +355,7 @@ def _run_int8_step(
         "scheme": {
             "openvino": "NNCF post-training quantization"
             + (" (ModelType.TRANSFORMER, mixed preset)" if transformer else " (performance preset)"),
-            "onnxruntime": "static QDQ, per-channel S8S8, MinMax calibration",
+            "onnxruntime": "static QDQ, per-channel U8S8 with reduce_range, MinMax calibration",
         },
         "openvino_inference_precision_hint": "f32",
         "latency": "1 thread, batch 1, median of 30 runs",
@@ -334,12 +371,16 @@ def _run_int8_step(
             fp32_runner=lambda t: openvino_runner(root / OPENVINO_FP32_XML, t),
             build=lambda: _build_ov(root, calib, transformer),
             int8_runner=lambda t: openvino_runner(root / OPENVINO_INT8_DIR / "model.xml", t),
+            fp32_all=lambda t: openvino_runner(root / OPENVINO_FP32_XML, t, output=None),
+            int8_all=lambda t: openvino_runner(root / OPENVINO_INT8_DIR / "model.xml", t, output=None),
         ),
         "onnxruntime": dict(
             fp32_files=[root / ONNX_FP32_PATH],
             fp32_runner=lambda t: onnxruntime_runner(root / ONNX_FP32_PATH, t),
             build=lambda: [quantize_onnx(root / ONNX_FP32_PATH, root / ONNX_INT8_PATH, calib)],
             int8_runner=lambda t: onnxruntime_runner(root / ONNX_INT8_PATH, t),
+            fp32_all=lambda t: onnxruntime_runner(root / ONNX_FP32_PATH, t, output=None),
+            int8_all=lambda t: onnxruntime_runner(root / ONNX_INT8_PATH, t, output=None),
         ),
     }
     for runtime, job in jobs.items():
@@ -347,6 +388,9 @@ def _run_int8_step(
         int8, fp32, files = _quantize_and_gate(runtime, job, evx, evy, max_drop, threads)
         metrics[f"int8_{runtime}"] = int8
         metrics[f"fp32_{runtime}"] = fp32
+        ood_threshold = metadata.get("calibration", {}).get("ood_threshold")
+        if int8.get("kept") and ood_threshold is not None:
+            int8.update(_ood_agreement(job["fp32_all"](threads), job["int8_all"](threads), evx, float(ood_threshold)))
         if int8.get("kept"):
             _register(writer, root, runtime, files)
             report["passed"].append(runtime)
@@ -398,6 +442,25 @@ def _quantize_and_gate(
         latency_ms=median_latency_ms(job["int8_runner"](1), evx),
     )
     return int8, fp32, files
+
+
+def _ood_agreement(fp32_all: Runner, int8_all: Runner, images: np.ndarray, threshold: float,
+                   batch_size: int = 16) -> dict[str, float]:
+    """How far INT8 moves the OOD score: its features are 8-bit, the head is FP32.
+
+    Returns:
+        ``{"ood_score_median_rel_diff", "ood_decision_agreement"}`` over ``images``
+        (agreement: same side of ``threshold`` as FP32).
+    """
+    ref, got = [], []
+    for i in range(0, len(images), batch_size):
+        ref.append(np.asarray(fp32_all(images[i:i + batch_size])[1]).reshape(-1))
+        got.append(np.asarray(int8_all(images[i:i + batch_size])[1]).reshape(-1))
+    r, g = np.concatenate(ref), np.concatenate(got)
+    return {
+        "ood_score_median_rel_diff": float(np.median(np.abs(g - r) / np.maximum(np.abs(r), 1e-6))),
+        "ood_decision_agreement": float(np.mean((g > threshold) == (r > threshold))),
+    }
 
 
 def _build_ov(root: Path, calib: np.ndarray, transformer: bool) -> list[Path]:

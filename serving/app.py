@@ -235,16 +235,20 @@ def _predict(state: ServiceState, images: list[Image.Image], k: int) -> tuple[li
     state.metrics.inference_seconds.observe(result.inference_seconds)
     state.metrics.batch_size.observe(len(images))
     out = []
-    for probs in result.probabilities:
+    for i, probs in enumerate(result.probabilities):
         ranked = top_k(probs, predictor.classes, max(k, LEGACY_TOP))
         best = ranked[0]
-        out.append({
+        item = {
             "label": best["label"],
             "confidence": best["confidence"],
             "top_k": ranked[:k],
-            "abstained": bool(best["confidence"] < predictor.abstain_threshold),
+            "abstained": bool(result.abstained[i]),
+            "abstain_reason": result.abstain_reasons[i],
             "_legacy_top": ranked[:LEGACY_TOP],
-        })
+        }
+        if result.ood_scores is not None:
+            item["ood_score"] = float(result.ood_scores[i])
+        out.append(item)
     state.metrics.observe_predictions(
         [p["label"] for p in out], [p["confidence"] for p in out], [p["abstained"] for p in out]
     )
@@ -340,6 +344,7 @@ def _register_core_routes(app: Flask, state: ServiceState, exporter: Any) -> Non
             "threads": predictor.threads,
             "available": [f"{r}/{p}" for r, p in predictor.bundle.available()],
             "abstain_threshold": predictor.abstain_threshold,
+            "ood_threshold": predictor.ood_threshold,
             "temperature": predictor.temperature,
             "load_seconds": round(predictor.load_seconds, 3),
             "max_upload_mb": state.settings.max_upload_mb,
@@ -382,6 +387,8 @@ def _oip_metadata(predictor: Predictor) -> dict[str, Any]:
             {"name": "label", "datatype": "BYTES", "shape": [-1]},
             {"name": "confidence", "datatype": "FP32", "shape": [-1]},
             {"name": "abstained", "datatype": "BOOL", "shape": [-1]},
+            *([{"name": "ood_score", "datatype": "FP32", "shape": [-1]}]
+              if predictor.ood_threshold is not None else []),
         ],
         "parameters": {"classes": predictor.classes},
     }
@@ -495,7 +502,7 @@ def _oip_infer(state: ServiceState, name: str, version: str | None) -> dict[str,
     idx = probs.argmax(axis=1)
     labels = [predictor.classes[i] for i in idx]
     conf = probs[np.arange(len(idx)), idx].astype(np.float32)
-    abstained = [bool(c < predictor.abstain_threshold) for c in conf]
+    abstained = [bool(a) for a in result.abstained]
     state.metrics.observe_predictions(labels, [float(c) for c in conf], abstained)
     if images is not None and state.drift is not None:
         for img, label, c, a in zip(images, labels, conf, abstained):
@@ -508,6 +515,9 @@ def _oip_infer(state: ServiceState, name: str, version: str | None) -> dict[str,
         "confidence": {"name": "confidence", "datatype": "FP32", "shape": [n], "data": [float(c) for c in conf]},
         "abstained": {"name": "abstained", "datatype": "BOOL", "shape": [n], "data": abstained},
     }
+    if result.ood_scores is not None:
+        outputs["ood_score"] = {"name": "ood_score", "datatype": "FP32", "shape": [n],
+                                "data": [float(v) for v in result.ood_scores]}
     wanted = body.get("outputs")
     if wanted is not None:
         if not isinstance(wanted, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)

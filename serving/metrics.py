@@ -102,7 +102,7 @@ class ServingMetrics:
             "plantml_predictions", "Predictions by top-1 label", ["label"], registry=registry,
         )
         self.abstained = Counter(
-            "plantml_abstained", "Predictions under the bundle's abstain threshold", registry=registry,
+            "plantml_abstained", "Predictions abstained on (low confidence or out of distribution)", registry=registry,
         )
         self.rejected = Counter(
             "plantml_rejected_inputs", "Inputs refused as the client's fault, by reason", ["reason"],

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from plantml.bundle import Bundle, BundleError, load_bundle
+from plantml.ood import decide
 from plantml.preprocess import preprocess_batch, softmax
 
 from serving.settings import Settings
@@ -47,10 +48,13 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class BatchResult:
-    """Probabilities of one batch and the time the forward pass took."""
+    """Probabilities of one batch, the abstention decisions and the time the forward pass took."""
 
     probabilities: np.ndarray  # [N, C] float32, temperature-scaled softmax
     inference_seconds: float
+    abstained: np.ndarray  # [N] bool: plantml.ood.decide (OOD score, then confidence)
+    abstain_reasons: list  # [N] "out_of_distribution" | "low_confidence" | None
+    ood_scores: np.ndarray | None = None  # [N] float32 when the model has an ood_score output
 
 
 def _runtime_importable(runtime: str) -> bool:
@@ -96,8 +100,8 @@ def _onnxruntime_session(path: Path, threads: int) -> Callable[[np.ndarray], np.
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
 
-    def run(x: np.ndarray) -> np.ndarray:
-        return sess.run(None, {name: x})[0]
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        return sess.run(None, {name: x})
 
     return run
 
@@ -115,9 +119,11 @@ def _openvino_model(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarr
     compiled = core.compile_model(str(path), "CPU", config)
     request = compiled.create_infer_request()
 
-    def run(x: np.ndarray) -> np.ndarray:
-        # One infer request per worker; calls are serialised by Predictor's lock.
-        return np.array(request.infer({0: x})[compiled.output(0)], copy=True)
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        # One infer request per worker; calls are serialised by Predictor's lock. The
+        # request reuses its output buffers: copy before the next call overwrites them.
+        res = request.infer({0: x})
+        return [np.array(res[out], copy=True) for out in compiled.outputs]
 
     return run
 
@@ -155,6 +161,7 @@ class Predictor:
         self.spec = bundle.input_spec
         self.temperature = bundle.temperature
         self.abstain_threshold = bundle.abstain_threshold
+        self.ood_threshold = bundle.ood_threshold
         self._lock = threading.Lock()
         started = time.perf_counter()
         try:
@@ -183,11 +190,14 @@ class Predictor:
     def _warm_up(self) -> None:
         """One forward pass at load: the first call pays for kernel selection, and checks the output shape."""
         x = np.zeros((1, 3, self.spec.size, self.spec.size), dtype=np.float32)
-        out = self._run(x)
+        outs = self._run(x)
+        out = outs[0]
         if out.ndim != 2 or out.shape != (1, len(self.classes)):
             raise ModelLoadError(
                 f"model output shape {tuple(out.shape)} does not match the bundle's {len(self.classes)} classes"
             )
+        if self.ood_threshold is not None and len(outs) < 2:
+            raise ModelLoadError("the bundle sets calibration.ood_threshold but its model has no ood_score output")
 
     def forward(self, batch: np.ndarray) -> BatchResult:
         """Run a preprocessed ``NCHW`` float32 batch; returns calibrated probabilities.
@@ -201,9 +211,12 @@ class Predictor:
         x = np.ascontiguousarray(batch, dtype=np.float32)
         with self._lock:
             started = time.perf_counter()
-            logits = self._run(x)
+            outs = self._run(x)
             elapsed = time.perf_counter() - started
-        return BatchResult(softmax(logits, self.temperature), elapsed)
+        probs = softmax(outs[0], self.temperature)
+        scores = outs[1].reshape(-1).astype(np.float32) if self.ood_threshold is not None else None
+        abstained, reasons = decide(probs, scores, self.abstain_threshold, self.ood_threshold)
+        return BatchResult(probs, elapsed, abstained, reasons, scores)
 
     def predict_images(self, images: Sequence[Image.Image]) -> BatchResult:
         """Preprocess decoded RGB images with the bundle's input spec and run them."""

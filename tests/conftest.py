@@ -109,3 +109,43 @@ def tiny_bundle(tmp_path_factory) -> Path:
 def leaf_jpeg() -> bytes:
     """A JPEG of the first tiny class (the tiny bundle predicts it)."""
     return jpeg_bytes(make_leaf_image(TINY_CLASSES["Tomato___healthy"], size=64, seed=7))
+
+
+@pytest.fixture(scope="session")
+def scored_bundle(tmp_path_factory) -> Path:
+    """The tiny CNN exported with an OOD head (``logits`` + ``ood_score`` outputs).
+
+    The detector is fitted on the tiny training images; ``calibration.ood_threshold`` is
+    the largest score of fresh images of the known classes, so those are answered and
+    images far from every class (pixel noise) are not.
+    """
+    from plantml.export import export_bundle
+    from plantml.models.scored import extract_features, scored_classifier
+    from plantml.ood import choose_ood_threshold, fit_feature_detector
+    from plantml.preprocess import InputSpec, preprocess_image
+
+    classes = list(TINY_CLASSES)
+    size = 32
+    model, train_x = _train_tiny_model(classes, size)
+    train_y = np.repeat(np.arange(len(classes)), 8)
+    detector = fit_feature_detector(extract_features(model, train_x)[0], train_y, len(classes), components=4)
+    spec = InputSpec(size=size)
+    fresh = np.stack([preprocess_image(make_leaf_image(TINY_CLASSES[c], seed=70_000 + 10 * k + i), spec)
+                      for k, c in enumerate(classes) for i in range(8)])
+    threshold = choose_ood_threshold(detector.score(extract_features(model, fresh)[0]), 1.0)
+    out = tmp_path_factory.mktemp("scored_bundles")
+    path, _ = export_bundle(
+        scored_classifier(model, detector), out_root=out, name="tiny-scored-model", architecture="tiny_cnn",
+        classes=classes, input_spec=spec, parity_inputs=train_x,
+        metrics={"fp32": {"accuracy": 1.0, "macro_f1": 1.0}},
+        lineage={"metaflow_run_id": None, "mlflow_run_id": None, "data_manifest_sha256": "test"},
+        calibration={"temperature": 1.0, "abstain_threshold": 0.0, "ood_threshold": threshold},
+        version="1",
+    )
+    return path
+
+
+def noise_image(size: int = 64, seed: int = 0) -> Image.Image:
+    """Uniform pixel noise: nothing like any tiny class."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8), "RGB")

@@ -6,7 +6,7 @@
 * On the real sample (``../shared/data/plantvillage-mini``) and a trained bundle named by
   ``PLANTML_EVAL_BUNDLE``: per-class accuracy never below a floor
   (``PLANTML_CLASS_ACCURACY_FLOOR``, default 0.8), accepted predictions at the bundle's
-  abstain threshold at least ``PLANTML_ACCEPTED_ACCURACY_FLOOR`` (default 0.99), and
+  abstention rule (OOD score, then confidence) at least ``PLANTML_ACCEPTED_ACCURACY_FLOOR`` (default 0.99), and
   generated non-leaf images mostly abstained on. These are marked ``integration`` and
   skip, saying why, when either the sample or the bundle is missing.
 
@@ -28,7 +28,7 @@ from PIL import Image, ImageEnhance
 from plantml.bundle import load_bundle
 from plantml.calibration import expected_calibration_error
 from plantml.preprocess import IMAGE_EXTENSIONS, load_image, preprocess_batch, softmax
-from plantml.robustness import abstain_rate, non_leaf_images
+from plantml.robustness import non_leaf_images
 from tests.conftest import SHARED_SAMPLE, TINY_CLASSES, make_leaf_image
 
 
@@ -107,10 +107,31 @@ def _real_sample_bundle() -> tuple[Path, Path]:
     return SHARED_SAMPLE, Path(env)
 
 
+def abstaining_predictor(bundle_dir: str | Path) -> Callable[[list[Image.Image]], tuple[np.ndarray, np.ndarray]]:
+    """``images -> (probabilities, abstained)`` exactly as edge and serving decide (OOD score, then confidence)."""
+    from edge.runtime import EdgeModel
+    from plantml.ood import decide
+
+    model = EdgeModel(bundle_dir, runtime="onnxruntime", threads=2)
+
+    def predict(images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        probs, abstained = [], []
+        for start in range(0, len(images), 32):
+            logits, scores = model.outputs(preprocess_batch(images[start:start + 32], model.spec))
+            p = softmax(logits, model.bundle.temperature)
+            probs.append(p)
+            abstained.append(decide(p, scores, model.bundle.abstain_threshold, model.bundle.ood_threshold)[0])
+        return np.concatenate(probs), np.concatenate(abstained)
+
+    return predict
+
+
 @pytest.fixture(scope="module")
 def real_predictions():
     sample, bundle_dir = _real_sample_bundle()
-    predict, classes, threshold = bundle_predictor(bundle_dir)
+    predict = abstaining_predictor(bundle_dir)
+    bundle = load_bundle(bundle_dir)
+    classes, threshold = bundle.classes, bundle.abstain_threshold
     index = {name: i for i, name in enumerate(classes)}
     images, labels, names = [], [], []
     for folder in sorted(p for p in sample.iterdir() if p.is_dir()):
@@ -123,13 +144,13 @@ def real_predictions():
                 names.append(folder.name)
     if not images:
         pytest.skip(f"none of the bundle's classes ({', '.join(classes[:3])}, ...) is a folder of {sample}")
-    probs = predict(images)
-    return probs, np.array(labels), classes, threshold, predict
+    probs, abstained = predict(images)
+    return probs, abstained, np.array(labels), classes, threshold, predict
 
 
 @pytest.mark.integration
 def test_per_class_accuracy_floor(real_predictions):
-    probs, labels, classes, _, _ = real_predictions
+    probs, _, labels, classes, _, _ = real_predictions
     floor = float(os.environ.get("PLANTML_CLASS_ACCURACY_FLOOR", "0.8"))
     preds = probs.argmax(1)
     per_class = {classes[c]: float(np.mean(preds[labels == c] == c)) for c in np.unique(labels)}
@@ -139,9 +160,9 @@ def test_per_class_accuracy_floor(real_predictions):
 
 @pytest.mark.integration
 def test_accepted_predictions_accuracy(real_predictions):
-    probs, labels, _, threshold, _ = real_predictions
+    probs, abstained, labels, _, threshold, _ = real_predictions
     floor = float(os.environ.get("PLANTML_ACCEPTED_ACCURACY_FLOOR", "0.99"))
-    accepted = probs.max(1) >= threshold
+    accepted = ~abstained
     assert accepted.mean() > 0.5, f"the bundle abstains on {1 - accepted.mean():.1%} of real leaves"
     acc = float(np.mean(probs[accepted].argmax(1) == labels[accepted]))
     ece = expected_calibration_error(probs, labels)
@@ -153,9 +174,7 @@ def test_accepted_predictions_accuracy(real_predictions):
 
 @pytest.mark.integration
 def test_non_leaf_images_mostly_abstain(real_predictions):
-    _, _, _, threshold, predict = real_predictions
-    if threshold <= 0:
-        pytest.fail("the bundle has no abstain threshold (calibration.abstain_threshold is 0)")
-    rate = abstain_rate(predict(non_leaf_images(n=60, size=256, seed=0)), threshold)
+    _, _, _, _, threshold, predict = real_predictions
+    rate = float(np.mean(predict(non_leaf_images(n=60, size=256, seed=0))[1]))
     floor = float(os.environ.get("PLANTML_NON_LEAF_ABSTAIN_FLOOR", "0.5"))
     assert rate >= floor, f"abstain rate on generated non-leaf images {rate:.2f} < {floor}"

@@ -315,3 +315,25 @@ def test_plots_bad_input_leaves_no_file(tmp_path):
     with pytest.raises(ValueError, match="thresholds"):
         coverage_accuracy_plot({"coverage": [1.0], "accuracy": [1.0]}, 0.5, tmp_path / "c.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_summary_with_an_ood_mask_chooses_among_the_images_it_lets_through():
+    rng = np.random.default_rng(0)
+    n, c = 200, 3
+    labels = rng.integers(0, c, n)
+    logits = rng.normal(0, 1, (n, c))
+    logits[np.arange(n), labels] += 4.0
+    wrong = rng.choice(n, 20, replace=False)  # confident mistakes ...
+    logits[wrong] = 0.0
+    logits[wrong, (labels[wrong] + 1) % c] = 6.0
+    mask = np.ones(n, bool)
+    mask[wrong] = False  # ... that the OOD rule catches
+    plain = calibration_summary(logits, labels, logits, labels, 0.99, 0.5)
+    masked = calibration_summary(logits, labels, logits, labels, 0.99, 0.5,
+                                 val_in_distribution=mask, test_in_distribution=mask)
+    assert masked["met"]
+    assert masked["test_coverage"] > plain["test_coverage"] + 0.2  # no need to hide the confident mistakes
+    assert masked["test_accuracy_at_threshold"] >= 0.99
+    assert masked["test_coverage"] <= mask.mean() + 1e-12  # coverage stays relative to the whole split
+    with pytest.raises(ValueError, match="mask"):
+        calibration_summary(logits, labels, logits, labels, 0.99, 0.5, val_in_distribution=mask[:10])

@@ -51,7 +51,8 @@ def test_predict_jsonl_over_a_folder_recursively(bundle, photos, capsys):
     rows = [json.loads(line) for line in out.splitlines()]
     assert len(rows) == 3
     for row in rows:
-        assert set(row) == {"path", "label", "confidence", "top_k", "abstained"}
+        assert set(row) == {"path", "label", "confidence", "top_k", "abstained", "abstain_reason"}
+        assert row["abstain_reason"] is None
         assert row["label"] == _expected_label(row["path"])
         assert len(row["top_k"]) == 3 and row["abstained"] is False
 
@@ -77,7 +78,8 @@ def test_predict_csv_int8_onnxruntime_one_thread(bundle, photos, capsys):
     code, out, _ = _run(capsys, *args)
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert list(rows[0]) == ["path", "label", "confidence", "abstained", "top_k", "error"]
+    assert list(rows[0]) == ["path", "label", "confidence", "abstained", "abstain_reason", "ood_score", "top_k",
+                             "error"]
     assert len(rows) == 3
     for row in rows:
         assert row["label"] == _expected_label(row["path"])

@@ -43,7 +43,7 @@ def test_every_runtime_and_precision_classifies_the_leaves(bundle, runtime, prec
     preds = model.predict_images(_leaves(), k=3)
     assert [p["label"] for p in preds] == CLASSES
     for p in preds:
-        assert set(p) == {"label", "confidence", "top_k", "abstained"}
+        assert set(p) == {"label", "confidence", "top_k", "abstained", "abstain_reason"}
         assert p["top_k"][0] == {"label": p["label"], "confidence": p["confidence"]}
         confs = [t["confidence"] for t in p["top_k"]]
         assert confs == sorted(confs, reverse=True) and len(confs) == 3

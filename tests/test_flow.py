@@ -80,7 +80,8 @@ def test_flow_end_to_end_and_resume(tiny_dataset, tmp_path):
     assert max(s1, s2) < min(f1, f2)
     assert all(n >= 1 for n in info["cards"].values())
     evaluate_card = card_text(info["eval_card_html"])
-    for text in ("Champion", "confusion matrix", "ROC", "reliability diagram", "Background-only baseline"):
+    for text in ("Champion", "confusion matrix", "ROC", "reliability diagram", "Background-only baseline",
+                 "Out-of-distribution score", "OOD score histogram"):
         assert text in evaluate_card, text
 
     from plantml.bundle import load_bundle
@@ -91,6 +92,8 @@ def test_flow_end_to_end_and_resume(tiny_dataset, tmp_path):
     assert ("onnxruntime", "fp32") in bundle.available() and ("openvino", "fp32") in bundle.available()
     assert bundle.metadata["parity"]["max_abs_diff"]["onnxruntime_fp32"]["max"] <= 1e-4
     assert 0 < bundle.temperature and 0 <= bundle.abstain_threshold <= 1
+    assert bundle.outputs == ["logits", "ood_score"] and bundle.ood_threshold > 0
+    assert bundle.metadata["parity"]["max_abs_diff"]["ood_score"]["openvino_fp32"] <= 1e-4
 
     from mlflow import MlflowClient
 

@@ -36,7 +36,10 @@
     result.textContent = "";
     result.appendChild(el("h2", { id: "label", "data-label": p.label }, pretty(p.label)));
     var conf = el("p", { id: "confidence" }, "Confidence " + pct(p.confidence) + " ");
-    if (p.abstained) {
+    if (p.abstain_reason === "out_of_distribution") {
+      conf.appendChild(el("strong", { "class": "warn" },
+        "(not answered: this does not look like the leaf photos the model was trained on)"));
+    } else if (p.abstained) {
       conf.appendChild(el("strong", { "class": "warn" }, "(uncertain: below the model's confidence threshold)"));
     }
     result.appendChild(conf);

@@ -22,6 +22,11 @@ $PY -c "
 import torch; c = torch.load('artifacts/train/$(cat "$R/real_run_id")/$CHAMP/model.pt', weights_only=False)
 torch.save(c['state_dict'], '$R/model_state.pt')"
 
+# 1b. The behaviour checks on the real sample with this bundle (issue 7: per-class floor,
+#     accuracy of accepted predictions, abstention on generated non-leaf images).
+PLANTML_EVAL_BUNDLE="$BUNDLE" $PY -m pytest -q -p no:cacheprovider -m integration tests/test_behaviour.py \
+  > "$R/behaviour_real.log" 2>&1
+
 # 2. Edge: binary, then latency/size/accuracy of every runtime and precision (issue 4 bars).
 edge/build_binary.sh > "$R/edge_build.log" 2>&1 && ls -l dist/plantml-edge >> "$R/edge_build.log"
 $PY benchmarks/edge_bench.py --bundle "$BUNDLE" --data-dir "$SAMPLE" --manifest "$R/real_manifest.csv" \

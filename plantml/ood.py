@@ -90,16 +90,14 @@ class FeatureDetector:
         f = np.asarray(features, dtype=np.float64)
         if f.ndim != 2 or f.shape[1] != self.dim:
             raise ValueError(f"features must have shape (N, {self.dim}), got {f.shape}")
-        # d2[n, c] = sum_k (r.v_k)^2 / var_k + |r - sum_k (r.v_k) v_k|^2 / rest, r = f_n - mu_c.
-        # The residual and its part outside the span are formed explicitly rather than by
-        # expanding |f|^2 - 2 f.mu + |mu|^2, which cancels catastrophically in float32
-        # (the same algebra as the torch head in plantml.models.scored, so the two agree).
+        # d2[n, c] = sum_k (r.v_k)^2 / var_k + (|r|^2 - sum_k (r.v_k)^2) / rest, r = f_n - mu_c
+        # (orthonormal v_k). The residual is formed explicitly: expanding
+        # |f|^2 - 2 f.mu + |mu|^2 instead cancels catastrophically in float32. The same
+        # algebra as the torch head in plantml.models.scored, so the two agree.
         resid = f[:, None, :] - self.means[None, :, :].astype(np.float64)      # (N, C, D)
-        basis = self.basis.astype(np.float64)
-        proj = resid @ basis                                                   # (N, C, K)
-        perp = resid - proj @ basis.T
-        in_span = (proj ** 2 / self.variances).sum(-1)
-        rest = (perp ** 2).sum(-1) / self.rest_variance
+        proj_sq = (resid @ self.basis.astype(np.float64)) ** 2                  # (N, C, K)
+        in_span = (proj_sq / self.variances).sum(-1)
+        rest = np.maximum((resid ** 2).sum(-1) - proj_sq.sum(-1), 0.0) / self.rest_variance
         return np.sqrt(np.maximum((in_span + rest).min(1), 0.0) / self.dim)
 
     def to_arrays(self) -> dict[str, np.ndarray]:

@@ -34,7 +34,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -140,25 +140,57 @@ def is_transformer(architecture: str | None) -> bool:
     return "vit" in name or "deit" in name or "transformer" in name
 
 
-#: Prefix of the node names of the wrapped classifier inside an exported ScoredClassifier
-#: (torch's ONNX exporter names nodes by module path: ``/model/...``); every other
-#: computing node belongs to the OOD head.
-CLASSIFIER_NODE_PREFIX = "/model"
+def ood_head_nodes(graph_outputs: Sequence[Any], inputs_of: Callable[[Any], Iterable[Any]],
+                   name_of: Callable[[Any], str]) -> list[str]:
+    """Names of the nodes that compute only the OOD score of a two-output model.
 
-
-def ood_head_nodes(names_and_types: Iterable[tuple[str, str]]) -> list[str]:
-    """Names of the OOD-score nodes of an exported :class:`~plantml.models.scored.ScoredClassifier`.
-
-    The OOD score subtracts nearly equal squared distances; 8-bit activations would
-    destroy it, and it costs a few thousand multiply-adds, so it stays FP32. Inputs,
-    outputs and constants are not nodes to exclude.
+    Those are the ancestors of the second output (``ood_score``) that are not ancestors of
+    the first (``logits``): found structurally, because exporters name nodes differently
+    from one model to the next. The OOD score subtracts nearly equal squared distances;
+    8-bit activations would destroy it, and it costs little, so it stays FP32.
 
     Args:
-        names_and_types: ``(node name, op type)`` of every node of the graph.
+        graph_outputs: the nodes producing ``logits`` and ``ood_score``, in that order.
+        inputs_of: ``node -> nodes feeding it``.
+        name_of: ``node -> name`` used by the quantizer's exclusion list.
     """
-    skip_types = {"Parameter", "Result", "Constant"}
-    return [name for name, op in names_and_types
-            if not name.startswith(CLASSIFIER_NODE_PREFIX) and op not in skip_types and name]
+    def ancestors(start: Any) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        stack = [start]
+        while stack:
+            node = stack.pop()
+            name = name_of(node)
+            if name in seen:
+                continue
+            seen[name] = node
+            stack.extend(inputs_of(node))
+        return seen
+
+    logits_side = ancestors(graph_outputs[0])
+    return [name for name in ancestors(graph_outputs[1]) if name not in logits_side]
+
+
+def onnx_ood_head_nodes(graph: Any) -> list[str]:
+    """:func:`ood_head_nodes` for an ONNX graph (``[]`` for a single-output model)."""
+    if len(graph.output) < 2:
+        return []
+    producer = {out: node for node in graph.node for out in node.output}
+    return ood_head_nodes(
+        [producer[o.name] for o in graph.output[:2]],
+        lambda node: [producer[i] for i in node.input if i in producer],
+        lambda node: node.name,
+    )
+
+
+def openvino_ood_head_nodes(model: Any) -> list[str]:
+    """:func:`ood_head_nodes` for an OpenVINO model (``[]`` for a single-output model)."""
+    if len(model.outputs) < 2:
+        return []
+    return [name for name in ood_head_nodes(
+        [out.get_node() for out in model.outputs[:2]],
+        lambda op: [i.get_source_output().get_node() for i in op.inputs()],
+        lambda op: op.get_friendly_name(),
+    )]
 
 
 def quantize_openvino(
@@ -183,8 +215,8 @@ def quantize_openvino(
     # One image per sample: the IR has a dynamic batch and NNCF collects statistics per sample.
     dataset = nncf.Dataset([images[i:i + 1] for i in range(len(images))])
     kwargs: dict[str, Any] = {"subset_size": len(images)}
-    if len(model.outputs) > 1:  # the OOD score output: keep its head in FP32
-        head = ood_head_nodes((op.get_friendly_name(), op.get_type_name()) for op in model.get_ordered_ops())
+    head = openvino_ood_head_nodes(model)
+    if head:  # the OOD score output: keep its head in FP32
         kwargs["ignored_scope"] = nncf.IgnoredScope(names=head, validate=False)
     if transformer:
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
@@ -254,15 +286,20 @@ def quantize_onnx(
     out_onnx.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="plantml-qdq-") as tmp:
         prepped = Path(tmp) / "prepped.onnx"
-        try:
-            quant_pre_process(str(fp32_onnx), str(prepped), skip_symbolic_shape=False)
-        except Exception as exc:  # noqa: BLE001 - pre-processing is an optimisation, not a requirement
-            log.warning("ONNX quantization pre-processing failed (%s); quantizing the model as exported", exc)
+        for skip_symbolic in (False, True):
+            try:
+                quant_pre_process(str(fp32_onnx), str(prepped), skip_symbolic_shape=skip_symbolic)
+                break
+            except Exception as exc:  # noqa: BLE001 - pre-processing is an optimisation, not a requirement
+                # Symbolic shape inference trips over some graphs (the OOD head's
+                # broadcasting); ONNX's own shape inference is then enough.
+                log.info("ONNX quantization pre-processing (skip_symbolic_shape=%s) failed: %s", skip_symbolic, exc)
+        else:
+            log.warning("ONNX quantization pre-processing failed; quantizing the model as exported")
             shutil.copyfile(fp32_onnx, prepped)
         import onnx
 
-        graph = onnx.load(str(prepped), load_external_data=False).graph
-        exclude = ood_head_nodes((n.name, n.op_type) for n in graph.node) if len(graph.output) > 1 else []
+        exclude = onnx_ood_head_nodes(onnx.load(str(prepped), load_external_data=False).graph)
         quantize_static(
             str(prepped), str(out_onnx), _ArrayReader(input_name, images, batch_size),
             nodes_to_exclude=exclude or None,

@@ -195,22 +195,61 @@ def test_serving_returns_the_score_and_the_reason(scored_bundle):
     assert client.get("/model").get_json()["serving"]["ood_threshold"] > 0
 
 
-def test_int8_keeps_the_ood_head_in_fp32(scored_bundle, tmp_path):
-    import onnx
-
+def _calibration_images() -> np.ndarray:
     from plantml.preprocess import InputSpec, preprocess_image
-    from plantml.quantize import quantize_onnx
 
     spec = InputSpec(size=32)
-    calib = np.stack([preprocess_image(make_leaf_image(rgb, seed=900 + i), spec)
-                      for i, rgb in enumerate(list(TINY_CLASSES.values()) * 8)])
-    out = quantize_onnx(scored_bundle / "model.onnx", tmp_path / "m.int8.onnx", calib)
+    return np.stack([preprocess_image(make_leaf_image(rgb, seed=900 + i), spec)
+                     for i, rgb in enumerate(list(TINY_CLASSES.values()) * 8)])
+
+
+def test_ood_head_nodes_are_found_structurally(scored_bundle):
+    import onnx
+    import openvino as ov
+
+    from plantml.quantize import onnx_ood_head_nodes, openvino_ood_head_nodes
+
+    graph = onnx.load(str(scored_bundle / "model.onnx")).graph
+    head = set(onnx_ood_head_nodes(graph))
+    ops = {n.name: n.op_type for n in graph.node}
+    assert {ops[n] for n in head} >= {"MatMul", "Sub", "ReduceMin", "Sqrt"}
+    assert not {ops[n] for n in head} & {"Conv", "Gemm"}  # nothing of the classifier
+    ov_head = openvino_ood_head_nodes(ov.Core().read_model(str(scored_bundle / "openvino" / "model.xml")))
+    assert "ood_score" in ov_head and not [n for n in ov_head if "Conv" in n]
+    assert onnx_ood_head_nodes(onnx.load(str(scored_bundle / "model.onnx")).graph.__class__()) == []
+
+
+def test_int8_onnx_quantizes_the_classifier_and_keeps_the_ood_head_in_fp32(scored_bundle, tmp_path):
+    import onnx
+
+    from plantml.quantize import onnx_ood_head_nodes, quantize_onnx
+
+    head = set(onnx_ood_head_nodes(onnx.load(str(scored_bundle / "model.onnx")).graph))
+    out = quantize_onnx(scored_bundle / "model.onnx", tmp_path / "m.int8.onnx", _calibration_images())
     graph = onnx.load(str(out)).graph
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= 3  # the classifier is quantized
     dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     float_weights = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
-    head_matmuls = [n for n in graph.node if not n.name.startswith("/model") and n.op_type == "MatMul"]
-    assert len(head_matmuls) == 2, [n.name for n in head_matmuls]
+    head_matmuls = [n for n in graph.node if n.name in head and n.op_type == "MatMul"]
+    assert len(head_matmuls) == 1, [n.name for n in head_matmuls]
     for node in head_matmuls:
         assert not set(node.input) & dequantized, f"{node.name} reads an INT8 tensor"
         assert set(node.input) & float_weights, f"{node.name} should multiply by a float32 constant"
     assert [o.name for o in graph.output] == ["logits", "ood_score"]
+
+
+def test_int8_openvino_quantizes_the_classifier_and_keeps_the_ood_head_in_fp32(scored_bundle, tmp_path):
+    import openvino as ov
+
+    from plantml.quantize import quantize_openvino
+
+    xml = quantize_openvino(scored_bundle / "openvino" / "model.xml", tmp_path / "ov8" / "model.xml",
+                            _calibration_images())
+    model = ov.Core().read_model(str(xml))
+    fq = [op for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
+    assert len(fq) >= 3
+    head_matmuls = [op for op in model.get_ordered_ops() if op.get_friendly_name() == "/MatMul"]
+    assert len(head_matmuls) == 1
+    for op in head_matmuls:
+        feeding = [i.get_source_output().get_node().get_type_name() for i in op.inputs()]
+        assert "FakeQuantize" not in feeding, (op.get_friendly_name(), feeding)

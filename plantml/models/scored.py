@@ -58,8 +58,7 @@ def _scored_classifier_class() -> type:
             means = torch.as_tensor(np.asarray(detector.means, dtype=np.float32))
             basis = torch.as_tensor(np.asarray(detector.basis, dtype=np.float32))
             self.register_buffer("means", means)                              # (C, D)
-            self.register_buffer("basis", basis)                              # (D, K)
-            self.register_buffer("basis_t", basis.t().contiguous())           # (K, D)
+            self.register_buffer("basis", basis)                              # (D, K), orthonormal columns
             self.register_buffer("inv_var", 1.0 / torch.as_tensor(np.asarray(detector.variances, np.float32)))
             self.inv_rest = float(1.0 / detector.rest_variance)
             self.inv_dim = float(1.0 / detector.dim)
@@ -69,8 +68,9 @@ def _scored_classifier_class() -> type:
             # Explicit residuals (N, C, D): expanding |f - mu|^2 would cancel in float32.
             resid = features.unsqueeze(1) - self.means.unsqueeze(0)
             proj = resid @ self.basis                                           # (N, C, K)
-            perp = resid - proj @ self.basis_t
-            d2 = (proj * proj * self.inv_var).sum(-1) + (perp * perp).sum(-1) * self.inv_rest
+            proj_sq = proj * proj
+            outside = torch.clamp((resid * resid).sum(-1) - proj_sq.sum(-1), min=0.0)
+            d2 = (proj_sq * self.inv_var).sum(-1) + outside * self.inv_rest
             return logits, torch.sqrt(torch.amin(d2, dim=1) * self.inv_dim)
 
     return ScoredClassifier

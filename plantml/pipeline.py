@@ -198,7 +198,8 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
     if params.calibration.ood_enabled:
         detector, report["ood"], ood_masks = _fit_ood(params, models[champion], spec, rows, classes,
                                                       (x_val, x_test), out, progress)
-        # The confidence threshold is re-chosen among the validation images the OOD rule lets through.
+        # Same confidence threshold (chosen on all validation images); coverage and accuracy
+        # now count only what both rules answer.
         champ["calibration_confidence_only"] = champ["calibration"]
         champ["calibration"] = cal.calibration_summary(
             val_logits_of[champion], y_val, test_logits_of[champion], y_test, params.calibration.target_precision,

@@ -98,6 +98,10 @@ def test_gate_rejects_and_deletes_int8_that_loses_accuracy(tmp_path):
         assert ">" in stored["int8"]["results"][runtime]["why"]
         assert stored["int8"]["recommended"][runtime] == "fp32"
     assert stored["int8"]["passed"] == []
+    # ONNX Runtime tried both schemes, fastest first, before giving up.
+    tried = stored["metrics"]["int8_onnxruntime"]["tried"]
+    assert [t["scheme"] for t in tried] == ["qdq_u8s8_reduce_range", "qdq_s8s8"]
+    assert all(t["accuracy_drop"] > 0.01 for t in tried)
 
 
 @pytest.mark.parametrize(

@@ -117,8 +117,11 @@ class DriftFeed:
         stop = False
         while not stop:
             taken = [self._queue.get()]
-            # gather what else is waiting (up to a batch), so one flock covers many lines
-            while len(taken) < 256 and taken[-1] is not _STOP:
+            # Gather what else is waiting, so one flock covers many lines. At most
+            # queue_size records: a writer stuck on the lock must not hold more than the
+            # queue's bound in memory (beyond it, submit drops, as documented).
+            limit = min(256, self._queue.maxsize or 256)
+            while len(taken) < limit and taken[-1] is not _STOP:
                 try:
                     taken.append(self._queue.get(timeout=0.05))
                 except queue.Empty:

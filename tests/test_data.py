@@ -75,7 +75,10 @@ def test_layout_variants(tmp_path):
             for c in ("A", "B"):
                 (root / f / c).mkdir(parents=True)
                 for i in range(6):
-                    make_leaf_image((50 + 10 * i, 100 if c == "A" else 20, 9), seed=hash((f, c, i)) % 1000).save(
+                    # A distinct seed per image: hash() of strings changes per process, and two
+                    # equal images would be (rightly) de-duplicated into the same split.
+                    seed = 1000 * folders.index(f) + 100 * ("AB".index(c)) + i
+                    make_leaf_image((50 + 10 * i, 100 if c == "A" else 20, 9), seed=seed).save(
                         root / f / c / f"{f}{i}.png")
         if variant == "color":
             (root / "grayscale" / "A").mkdir(parents=True)

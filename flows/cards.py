@@ -158,15 +158,16 @@ def export_card(bundle_path: str, metadata: Mapping[str, Any], registered: Mappi
                      f"{f['bytes'] / 1e6:.2f}", _f(p.get("max"), 8) if p else "", f["sha256"][:12]])
     parts.append(Table(rows, headers=["file", "format", "runtime", "precision", "role", "MB",
                                       "max |Δ| vs torch", "sha256"]))
-    if parity:
-        parts.append(Table([[k] + [_f(v.get(f"batch_{b}"), 8) for b in (1, 2, 8)] for k, v in parity.items()
-                            if k != "ood_score"], headers=["runtime", "batch 1", "batch 2", "batch 8"]))
-    if "ood_score" in parity:
-        parts.append(Markdown("Second output `ood_score` (out-of-distribution score), max relative difference vs "
-                              "torch at batch 8: "
-                              + ", ".join(f"{k} {_f(v, 8)}" for k, v in parity["ood_score"].items())
-                              + f"; abstain above `calibration.ood_threshold` = "
-                              f"{_f(metadata.get('calibration', {}).get('ood_threshold'))}."))
+    ood_parity = metadata.get("parity", {}).get("ood_score_max_rel_diff", {})
+    tables = [("logits, max abs diff", parity), ("ood_score, max relative diff", ood_parity)]
+    rows = [[f"{k} ({what})"] + [_f(v.get(f"batch_{b}"), 8) for b in (1, 2, 8)]
+            for what, report in tables for k, v in report.items()]
+    if rows:
+        parts.append(Table(rows, headers=["runtime (output)", "batch 1", "batch 2", "batch 8"]))
+    if ood_parity:
+        threshold = _f(metadata.get("calibration", {}).get("ood_threshold"))
+        parts.append(Markdown(f"`ood_score` is the out-of-distribution score; inputs above "
+                              f"`calibration.ood_threshold` = {threshold} abstain."))
     int8 = metadata.get("int8")
     if int8:
         gate = int8.get("gate", {})

@@ -152,6 +152,7 @@ def parity_report(
     candidates: Mapping[str, Callable[[np.ndarray], np.ndarray]],
     inputs: np.ndarray,
     batch_sizes: Sequence[int] = PARITY_BATCH_SIZES,
+    relative: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Max abs logit difference of each candidate vs the reference, per batch size.
 
@@ -159,6 +160,8 @@ def parity_report(
         reference: torch eager runner.
         candidates: ``{"onnxruntime_fp32": fn, ...}``.
         inputs: at least ``max(batch_sizes)`` preprocessed images (NCHW float32).
+        relative: divide each difference by ``max(1, |reference|)`` (for the OOD score, a
+            distance whose scale has nothing to do with the logits').
 
     Returns:
         ``{"onnxruntime_fp32": {"batch_1": d, "batch_2": d, "batch_8": d, "max": d}, ...}``
@@ -175,33 +178,21 @@ def parity_report(
             got = fn(x)
             if got.shape != ref.shape:
                 raise ExportError(f"{name}: output shape {got.shape} != torch {ref.shape} at batch {b}")
-            diffs[f"batch_{b}"] = float(np.max(np.abs(got - ref)))
+            scale = np.maximum(1.0, np.abs(ref)) if relative else 1.0
+            diffs[f"batch_{b}"] = float(np.max(np.abs(got - ref) / scale))
         diffs["max"] = max(diffs.values())
         out[name] = diffs
     return out
 
 
-def _ood_parity(model: Any, bundle_dir: Path, inputs: np.ndarray, tolerance: float) -> dict[str, float]:
-    """Max relative difference of the exported ``ood_score`` output vs torch (batch 8).
-
-    Relative (to ``max(1, |score|)``) because the score is a distance whose scale has
-    nothing to do with the logits'.
-
-    Raises:
-        ExportError: beyond ``tolerance``.
-    """
-    x = inputs[:8] if len(inputs) >= 8 else np.concatenate([inputs] * int(np.ceil(8 / max(1, len(inputs)))))[:8]
-    ref = torch_runner(model, output=1)(x)
-    out = {}
-    for name, run in (("onnxruntime_fp32", onnxruntime_runner(bundle_dir / "model.onnx", output=1)),
-                      ("openvino_fp32", openvino_runner(bundle_dir / "openvino" / "model.xml", output=1))):
-        got = run(x).reshape(ref.shape)
-        out[name] = float(np.max(np.abs(got - ref) / np.maximum(1.0, np.abs(ref))))
-    bad = {k: v for k, v in out.items() if v > tolerance}
+def _check_parity(report: Mapping[str, Mapping[str, float]], tolerance: float, what: str) -> None:
+    """Raise :class:`ExportError` naming every runtime whose ``what`` differs beyond ``tolerance``."""
+    worst = {k: v["max"] for k, v in report.items()}
+    log.info("parity vs torch (%s): %s", what, worst)
+    bad = {k: v for k, v in worst.items() if v > tolerance}
     if bad:
-        raise ExportError("exported ood_score disagrees with torch: "
-                          + ", ".join(f"{k} max rel diff {v:.2e}" for k, v in bad.items()))
-    return out
+        raise ExportError(f"exported model disagrees with torch beyond {tolerance}: "
+                          + ", ".join(f"{k} {what} {v:.2e}" for k, v in bad.items()))
 
 
 def git_commit() -> str | None:
@@ -263,25 +254,26 @@ def export_bundle(
         writer.add_file("openvino/model.xml", fmt="openvino", runtime="openvino", precision="fp32")
         writer.add_file("openvino/model.bin", fmt="openvino", runtime="openvino", precision="fp32", role="weights")
         del xml
-        parity = parity_report(
-            torch_runner(model),
-            {
-                "onnxruntime_fp32": onnxruntime_runner(writer.dir / "model.onnx"),
-                "openvino_fp32": openvino_runner(writer.dir / "openvino" / "model.xml"),
-            },
-            parity_inputs,
-        )
-        worst = {k: v["max"] for k, v in parity.items()}
-        log.info("parity vs torch (max abs logit diff): %s", worst)
-        bad = {k: v for k, v in worst.items() if v > parity_tolerance}
-        if bad:
-            raise ExportError(
-                f"exported model disagrees with torch beyond {parity_tolerance}: "
-                + ", ".join(f"{k} max abs diff {v:.2e}" for k, v in bad.items())
-            )
+        # One session per runtime, all outputs; each comparison picks its output.
+        reference = torch_runner(model, output=None)
+        runtimes = {
+            "onnxruntime_fp32": onnxruntime_runner(writer.dir / "model.onnx", output=None),
+            "openvino_fp32": openvino_runner(writer.dir / "openvino" / "model.xml", output=None),
+        }
         outputs = list(getattr(model, "output_names", ("logits",)))
-        if len(outputs) > 1:
-            parity["ood_score"] = _ood_parity(model, writer.dir, parity_inputs, parity_tolerance)
+        reports = {}
+        for index, output in enumerate(outputs):
+            relative = output != "logits"
+            reports[output] = parity_report(
+                lambda x, i=index: reference(x)[i],
+                {name: (lambda x, r=run, i=index: r(x)[i]) for name, run in runtimes.items()},
+                parity_inputs, relative=relative,
+            )
+            _check_parity(reports[output], parity_tolerance,
+                          f"max {'relative' if relative else 'abs'} {output} diff")
+        parity_meta: dict[str, Any] = {"tolerance": parity_tolerance, "max_abs_diff": reports["logits"]}
+        if "ood_score" in reports:
+            parity_meta["ood_score_max_rel_diff"] = reports["ood_score"]
         metadata: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "outputs": outputs,
@@ -293,7 +285,7 @@ def export_bundle(
             "files": [],
             "metrics": dict(metrics),
             "calibration": dict(calibration or {"temperature": 1.0, "abstain_threshold": 0.0}),
-            "parity": {"tolerance": parity_tolerance, "max_abs_diff": parity},
+            "parity": parity_meta,
             "lineage": {
                 **dict(lineage),
                 "git_commit": lineage.get("git_commit") or git_commit(),

@@ -202,8 +202,6 @@ def choose_ood_threshold(val_scores: np.ndarray, acceptance: float) -> float:
         raise ValueError("val_scores must be a non-empty 1-D array of finite scores")
     if not 0.0 < float(acceptance) <= 1.0:
         raise ValueError(f"acceptance must be in (0, 1], got {acceptance}")
-    if acceptance >= 1.0:
-        return float(s.max())
     return float(np.quantile(s, float(acceptance), method="higher"))
 
 

@@ -135,7 +135,8 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
     from plantml import robustness as rob
     from plantml.evaluation import (choose_champion, classification_metrics, plot_comparison, plot_confusion_matrix,
                                     plot_roc, plot_training_curves)
-    from plantml.training import available_cores, load_checkpoint, measure_latency_ms, predict_logits
+    from plantml.models.scored import extract_features
+    from plantml.training import available_cores, load_checkpoint, measure_latency_ms
 
     if not results:
         raise RuntimeError("no model finished training: nothing to evaluate")
@@ -151,12 +152,14 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
     models: dict[str, Any] = {}
     test_logits_of: dict[str, np.ndarray] = {}
     val_logits_of: dict[str, np.ndarray] = {}
+    features_of: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # (val, test): the champion's feed the OOD fit
     for name, res in results.items():
         model, _ = load_checkpoint(checkpoints[name])
         models[name] = model
         spec = InputSpec(size=size, mean=tuple(res["mean"]), std=tuple(res["std"]))
-        test_logits = predict_logits(model, x_test, spec)
-        val_logits = predict_logits(model, x_val, spec)
+        val_features, val_logits = extract_features(model, x_val, spec)
+        test_features, test_logits = extract_features(model, x_test, spec)
+        features_of[name] = (val_features, test_features)
         test_logits_of[name] = test_logits
         val_logits_of[name] = val_logits
         m = classification_metrics(y_test, softmax(test_logits), classes)
@@ -197,7 +200,7 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
     detector = None
     if params.calibration.ood_enabled:
         detector, report["ood"], ood_masks = _fit_ood(params, models[champion], spec, rows, classes,
-                                                      (x_val, x_test), out, progress)
+                                                      features_of[champion], out, progress)
         # Same confidence threshold (chosen on all validation images); coverage and accuracy
         # now count only what both rules answer.
         champ["calibration_confidence_only"] = champ["calibration"]
@@ -243,9 +246,11 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
 
 
 def _fit_ood(params: Params, model: Any, spec: InputSpec, rows: Sequence[ManifestRow], classes: Sequence[str],
-             eval_images: tuple[np.ndarray, np.ndarray], out: Path,
+             eval_features: tuple[np.ndarray, np.ndarray], out: Path,
              progress: bool) -> tuple[Any, dict[str, Any], tuple[np.ndarray, np.ndarray]]:
     """Fit the champion's OOD detector on training features; threshold on validation.
+
+    ``eval_features``: the champion's (validation, test) penultimate features.
 
     Returns:
         ``(detector, report["ood"], (val_in_distribution, test_in_distribution))``; the
@@ -254,16 +259,14 @@ def _fit_ood(params: Params, model: Any, spec: InputSpec, rows: Sequence[Manifes
     """
     from plantml import ood
     from plantml.models.scored import extract_features
-    from plantml.training import normalize_batch
 
     c = params.calibration
     fit_rows = _stratified_subset(rows_for(rows, "train"), c.ood_max_fit_images, params.data.seed)
     x_fit, y_fit = load_images(fit_rows, classes, spec.size, progress, desc="load train (OOD fit)")
-    detector = ood.fit_feature_detector(extract_features(model, normalize_batch(x_fit, spec))[0], y_fit,
-                                        len(classes), c.ood_components)
+    detector = ood.fit_feature_detector(extract_features(model, x_fit, spec)[0], y_fit, len(classes),
+                                        c.ood_components)
     del x_fit
-    val_scores, test_scores = (detector.score(extract_features(model, normalize_batch(x, spec))[0])
-                               for x in eval_images)
+    val_scores, test_scores = (detector.score(f) for f in eval_features)
     threshold = ood.choose_ood_threshold(val_scores, c.ood_acceptance)
     summary = ood.summary_dict(detector, threshold, c.ood_acceptance, {
         "validation": ood.rejection_rate(val_scores, threshold), "test": ood.rejection_rate(test_scores, threshold)})
@@ -279,6 +282,7 @@ def _non_leaf_report(model: Any, spec: InputSpec, calib: Mapping[str, Any], dete
     """Abstention on generated non-leaf images and non-leaf photos, with and without the OOD rule."""
     from plantml import ood
     from plantml.models.scored import extract_features
+    from plantml.robustness import abstain_rate
 
     out: dict[str, Any] = {"n": len(non_leaf), "n_photos": len(photos)}
     for key, images in (("", non_leaf), ("photo_", photos)):
@@ -290,7 +294,7 @@ def _non_leaf_report(model: Any, spec: InputSpec, calib: Mapping[str, Any], dete
         scores = detector.score(feats) if detector is not None else None
         abstained, _ = ood.decide(probs, scores, calib["abstain_threshold"], ood_threshold)
         out[f"{key}abstain_rate"] = float(abstained.mean())
-        out[f"{key}abstain_rate_confidence_only"] = float(np.mean(probs.max(1) < calib["abstain_threshold"]))
+        out[f"{key}abstain_rate_confidence_only"] = abstain_rate(probs, calib["abstain_threshold"])
         if scores is not None:
             out[f"{key}ood_rate"] = ood.rejection_rate(scores, ood_threshold)
             out[f"{key}scores"] = scores.tolist()

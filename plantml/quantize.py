@@ -405,24 +405,20 @@ def _run_int8_step(
     jobs = {
         "openvino": dict(
             fp32_files=[root / OPENVINO_FP32_XML, (root / OPENVINO_FP32_XML).with_suffix(".bin")],
-            fp32_runner=lambda t: openvino_runner(root / OPENVINO_FP32_XML, t),
+            fp32_runner=lambda t, output=0: openvino_runner(root / OPENVINO_FP32_XML, t, output=output),
             builds=[("nncf", lambda: _build_ov(root, calib, transformer))],
-            int8_runner=lambda t: openvino_runner(root / OPENVINO_INT8_DIR / "model.xml", t),
-            fp32_all=lambda t: openvino_runner(root / OPENVINO_FP32_XML, t, output=None),
-            int8_all=lambda t: openvino_runner(root / OPENVINO_INT8_DIR / "model.xml", t, output=None),
+            int8_runner=lambda t, output=0: openvino_runner(root / OPENVINO_INT8_DIR / "model.xml", t, output=output),
         ),
         "onnxruntime": dict(
             fp32_files=[root / ONNX_FP32_PATH],
-            fp32_runner=lambda t: onnxruntime_runner(root / ONNX_FP32_PATH, t),
+            fp32_runner=lambda t, output=0: onnxruntime_runner(root / ONNX_FP32_PATH, t, output=output),
             # U8S8 + reduce_range is the fast scheme on x86 without VNNI; if it misses the
             # gate, S8S8 (slower there, often more accurate) gets its chance.
             builds=[("qdq_u8s8_reduce_range",
                      lambda: [quantize_onnx(root / ONNX_FP32_PATH, root / ONNX_INT8_PATH, calib)]),
                     ("qdq_s8s8", lambda: [quantize_onnx(root / ONNX_FP32_PATH, root / ONNX_INT8_PATH, calib,
                                                         signed_activations=True)])],
-            int8_runner=lambda t: onnxruntime_runner(root / ONNX_INT8_PATH, t),
-            fp32_all=lambda t: onnxruntime_runner(root / ONNX_FP32_PATH, t, output=None),
-            int8_all=lambda t: onnxruntime_runner(root / ONNX_INT8_PATH, t, output=None),
+            int8_runner=lambda t, output=0: onnxruntime_runner(root / ONNX_INT8_PATH, t, output=output),
         ),
     }
     for runtime, job in jobs.items():
@@ -432,7 +428,9 @@ def _run_int8_step(
         metrics[f"fp32_{runtime}"] = fp32
         ood_threshold = metadata.get("calibration", {}).get("ood_threshold")
         if int8.get("kept") and ood_threshold is not None:
-            int8.update(_ood_agreement(job["fp32_all"](threads), job["int8_all"](threads), evx, float(ood_threshold)))
+            # Runners returning every output (output=None): the OOD score is the second.
+            int8.update(_ood_agreement(job["fp32_runner"](threads, output=None),
+                                       job["int8_runner"](threads, output=None), evx, float(ood_threshold)))
         if int8.get("kept"):
             _register(writer, root, runtime, files)
             report["passed"].append(runtime)

@@ -81,15 +81,25 @@ def scored_classifier(model: Any, detector: Any) -> Any:
     return _scored_classifier_class()(model.eval(), detector).eval()
 
 
-def extract_features(model: Any, x: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """``(features, logits)`` of a preprocessed ``NCHW`` batch, as numpy, in chunks."""
+def extract_features(model: Any, x: np.ndarray, spec: Any = None,
+                     batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """``(features, logits)`` as numpy, in chunks.
+
+    Args:
+        x: a preprocessed ``NCHW`` float batch, or, with ``spec``, ``uint8 [N,H,W,3]`` images
+            already resized, normalised chunk by chunk (no float copy of the whole set).
+        spec: the :class:`~plantml.preprocess.InputSpec` for ``uint8`` images.
+    """
     import torch
+
+    from plantml.training import normalize_batch
 
     feats, logits = [], []
     model = model.eval()
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):
-            f, lo = features_and_logits(model, torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])))
+            chunk = normalize_batch(x[i:i + batch_size], spec) if spec is not None else x[i:i + batch_size]
+            f, lo = features_and_logits(model, torch.from_numpy(np.ascontiguousarray(chunk)))
             feats.append(f.float().numpy())
             logits.append(lo.float().numpy())
     if not feats:

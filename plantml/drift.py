@@ -364,14 +364,23 @@ def _parse_log_line(line: str, where: str) -> dict[str, Any]:
     return row
 
 
-def read_drift_log(spec: str | os.PathLike[str]) -> "pd.DataFrame":
+#: Share of malformed lines a drift log may hold before :func:`read_drift_log` gives up.
+#: A torn line (a worker killed mid-write, a full disk) costs one record; a file that is
+#: mostly garbage is not a drift log.
+MAX_BAD_LINE_SHARE = 0.01
+
+
+def read_drift_log(spec: str | os.PathLike[str], max_bad_share: float = MAX_BAD_LINE_SHARE) -> "pd.DataFrame":
     """Read the service's drift log into a table.
 
-    A last line without its newline is a record still being written by a live worker:
-    it is skipped with a warning. Any other bad line is an error naming file and line.
+    A last line without its newline is a record a live worker is still writing: it is
+    skipped. Other malformed lines (a record torn by a killed writer or a full disk) are
+    skipped, counted and logged with file and line; the table's
+    ``attrs["bad_lines"]`` holds the count. Only when more than ``max_bad_share`` of the
+    non-empty lines are bad is the log refused.
 
     Raises:
-        DriftError: no files, no records, or a malformed line.
+        DriftError: no files, no records, or too many malformed lines.
     """
     import pandas as pd
 
@@ -379,6 +388,7 @@ def read_drift_log(spec: str | os.PathLike[str]) -> "pd.DataFrame":
     if not files:
         raise DriftError(f"no drift log files (*.jsonl*) in {spec}")
     rows: list[dict[str, Any]] = []
+    bad: list[str] = []
     for path in files:
         try:
             with _open_text(path) as fh:
@@ -386,19 +396,30 @@ def read_drift_log(spec: str | os.PathLike[str]) -> "pd.DataFrame":
         except (OSError, UnicodeDecodeError, EOFError) as exc:
             raise DriftError(f"cannot read drift log {path}: {exc}") from exc
         lines = text.split("\n")
-        partial = lines[-1]  # "" when the file ends with a newline
-        for lineno, line in enumerate(lines[:-1], start=1):
-            if line.strip():
-                rows.append(_parse_log_line(line, f"{path}:{lineno}"))
-        if partial.strip():
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
             try:
-                rows.append(_parse_log_line(partial, f"{path}:{len(lines)}"))
+                rows.append(_parse_log_line(line, f"{path}:{lineno}"))
             except DriftError as exc:
-                log.warning("skipping an incomplete last line (a write in progress?): %s", exc)
+                if lineno == len(lines):  # no newline yet: a record a live worker is still writing
+                    log.warning("skipping an incomplete last line (a write in progress?): %s", exc)
+                else:
+                    bad.append(str(exc))
+    total = len(rows) + len(bad)
+    if bad:
+        log.warning("drift log: skipped %d malformed line(s) of %d; first: %s", len(bad), total, bad[0])
+        if len(bad) > max_bad_share * total:
+            raise DriftError(
+                f"{len(bad)} of {total} drift log lines are malformed (more than {max_bad_share:.1%}); "
+                f"first: {bad[0]}"
+            )
     if not rows:
         raise DriftError(f"the drift log is empty: {', '.join(str(f) for f in files[:3])}")
     log.info("drift log: %d records from %d file(s)", len(rows), len(files))
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table.attrs["bad_lines"] = len(bad)
+    return table
 
 
 def list_images(folder: Path) -> list[Path]:

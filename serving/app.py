@@ -39,9 +39,10 @@ from flask import Flask, Response, jsonify, render_template, request
 from PIL import Image
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from plantml.preprocess import ImageDecodeError, decode_image, top_k
+from plantml.preprocess import ImageDecodeError, finish_decode, open_image, preprocess_image, top_k
 
-from serving.drift_feed import DriftFeed
+from serving.drift_feed import DriftFeed, shrink_for_stats
+from serving.limits import PixelGate, trim_heap
 from serving.metrics import REQUEST_BUCKETS, ServingMetrics
 from serving.predictor import ModelLoadError, Predictor, build_predictor, worker_predictor
 from serving.settings import Settings
@@ -50,6 +51,11 @@ log = logging.getLogger(__name__)
 
 LEGACY_TOP = 5  # the predecessor service always listed five classes in top5_predictions
 RAW_BODY_TYPES = ("application/octet-stream",)
+#: Methods answered by the app at all. Anything else is refused by :class:`MethodFilter`
+#: before Flask sees it, so a made-up method never becomes a metrics label.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT"})
+#: After a request that decoded at least this many pixels, give freed heap back to the OS.
+TRIM_AFTER_PIXELS = 2_000_000
 
 
 class ClientError(Exception):
@@ -63,6 +69,15 @@ class ClientError(Exception):
 
 
 @dataclass
+class PreparedImage:
+    """One upload reduced to what the rest of the request needs (the full image is gone)."""
+
+    tensor: np.ndarray  # CHW float32, the model input
+    size: tuple[int, int]  # decoded width, height
+    thumbnail: Image.Image | None  # the drift feed's 128-px thumbnail, when the feed is on
+
+
+@dataclass
 class ServiceState:
     """Per-app state: settings, the model (once loaded), metrics and the drift feed."""
 
@@ -72,6 +87,11 @@ class ServiceState:
     drift: DriftFeed | None = None
     load_error: str | None = None
     started: float = field(default_factory=time.time)
+    gate: PixelGate | None = None
+
+    def __post_init__(self) -> None:
+        if self.gate is None:
+            self.gate = PixelGate(self.settings.max_image_pixels)
 
     def set_predictor(self, predictor: Predictor) -> None:
         """Install a loaded model: readiness, model-info gauge and drift feed follow it."""
@@ -132,7 +152,53 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     _register_errors(app, state)
     _register_core_routes(app, state, exporter)
     _register_oip_routes(app, state)
+    app.wsgi_app = MethodFilter(app.wsgi_app, state)  # type: ignore[method-assign]
     return app
+
+
+class MethodFilter:
+    """WSGI middleware: 405 for a method no route could ever accept, answered before Flask.
+
+    prometheus-flask-exporter labels request metrics with the HTTP method; left to Flask,
+    every made-up method (``XAA``, ``XAB``, ...) would add a new series to every worker's
+    multiprocess files. Here it costs one bounded counter (``reason="bad_method"``). With
+    ``PLANTML_METRICS_PORT`` set, it also keeps ``/metrics`` off the API port and
+    everything else off the metrics port.
+    """
+
+    def __init__(self, app: Any, state: "ServiceState") -> None:
+        self.app = app
+        self.state = state
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        method = str(environ.get("REQUEST_METHOD", "")).upper()
+        if method not in KNOWN_METHODS:
+            self.state.metrics.reject("bad_method")
+            return _raw_json(start_response, "405 Method Not Allowed",
+                             {"error": "method not allowed", "reason": "method_not_allowed"},
+                             [("Allow", "GET, HEAD, POST, OPTIONS")])
+        metrics_port = self.state.settings.metrics_port
+        if metrics_port is not None and "gunicorn.socket" in environ:
+            on_metrics_port = _local_port(environ) == metrics_port
+            if on_metrics_port != (environ.get("PATH_INFO") == "/metrics"):
+                return _raw_json(start_response, "404 Not Found", {"error": "not found", "reason": "not_found"})
+        return self.app(environ, start_response)
+
+
+def _local_port(environ: dict[str, Any]) -> int | None:
+    """The port this request arrived on (the listening socket's, not the Host header's)."""
+    try:
+        return int(environ["gunicorn.socket"].getsockname()[1])
+    except (KeyError, OSError, IndexError, TypeError, ValueError):
+        return None
+
+
+def _raw_json(start_response: Any, status: str, body: dict[str, Any],
+              headers: list[tuple[str, str]] | None = None) -> list[bytes]:
+    payload = json.dumps(body).encode()
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
+                            *(headers or [])])
+    return [payload]
 
 
 # --------------------------------------------------------------------------- errors
@@ -154,6 +220,11 @@ def _register_errors(app: Flask, state: ServiceState) -> None:
         state.metrics.reject("payload_too_large")
         return _error(413, f"request body exceeds the {state.settings.max_upload_mb:g} MB limit "
                            "(PLANTML_MAX_UPLOAD_MB)", "payload_too_large")
+
+    @app.errorhandler(TimeoutError)
+    def read_timeout(exc: TimeoutError):
+        state.metrics.reject("request_timeout")
+        return _error(408, "the request was not received in time", "request_timeout")
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
@@ -194,7 +265,7 @@ def _read_uploads(fields: tuple[str, ...], max_images: int) -> list[tuple[str | 
                               f"{len(parts)} images in one request; the limit is {max_images} (PLANTML_MAX_IMAGES)")
         return [(p.filename or None, p.read()) for p in parts]
     if mimetype.startswith("image/") or mimetype in RAW_BODY_TYPES:
-        return [(None, request.get_data(cache=False))]
+        return [(None, _read_body())]
     if not mimetype and not request.content_length and not request.headers.get("Transfer-Encoding"):
         raise ClientError(400, "empty", "empty request: send an image as multipart field 'file' or as an image/* body")
     raise ClientError(
@@ -204,15 +275,75 @@ def _read_uploads(fields: tuple[str, ...], max_images: int) -> list[tuple[str | 
     )
 
 
-def _decode_all(uploads: list[tuple[str | None, bytes]]) -> list[Image.Image]:
-    images = []
-    for i, (name, data) in enumerate(uploads):
+def _read_body() -> bytes:
+    """The whole request body, refusing one over the limit even without a Content-Length.
+
+    With ``Transfer-Encoding: chunked`` werkzeug's stream stops *at* the limit rather than
+    failing, so a 12 MB chunked upload would be cut to 10 MB and answered; one more read
+    tells the two apart.
+    """
+    stream = request.stream
+    limit = request.max_content_length
+    data = stream.read() if limit is None else stream.read(limit)
+    if limit is not None and len(data) >= limit and stream.read(1):
+        raise RequestEntityTooLarge()
+    return data
+
+
+def _which(i: int, name: str | None, count: int) -> str:
+    return f"image {i}" + (f" ({name})" if name else "") if count > 1 or name else "image"
+
+
+def _prepare_one(state: ServiceState, spec: Any, data: bytes, label: str, budget_left: int) -> PreparedImage:
+    """Decode one upload and reduce it to its model input (and drift thumbnail).
+
+    The header is checked first (per-image pixel and aspect limits, then the request's
+    remaining pixel budget); the decode then waits for room in the worker's
+    :class:`~serving.limits.PixelGate`. The full-size image lives only inside this call.
+
+    Raises:
+        ClientError: 400 for a bad or over-limit image, 413 over the request's pixel budget.
+    """
+    try:
+        img = open_image(data, max_pixels=state.settings.max_image_pixels)
+    except ImageDecodeError as exc:
+        raise ClientError(400, exc.reason, f"{label}: {exc}") from exc
+    pixels = img.width * img.height
+    if pixels > budget_left:
+        raise ClientError(413, "too_many_pixels",
+                          f"{label}: the request's images add up to more than "
+                          f"{state.settings.max_request_megapixels:g} megapixels (PLANTML_MAX_REQUEST_MEGAPIXELS); "
+                          "send fewer or smaller images per request")
+    with state.gate.reserve(pixels):
         try:
-            images.append(decode_image(data))
+            rgb = finish_decode(img)
         except ImageDecodeError as exc:
-            which = f"image {i}" + (f" ({name})" if name else "") if len(uploads) > 1 or name else "image"
-            raise ClientError(400, exc.reason, f"{which}: {exc}") from exc
-    return images
+            raise ClientError(400, exc.reason, f"{label}: {exc}") from exc
+        finally:
+            img.close()
+        tensor = preprocess_image(rgb, spec)
+        size = rgb.size
+        thumbnail = shrink_for_stats(rgb) if state.drift is not None else None
+        del rgb
+    return PreparedImage(tensor=tensor, size=size, thumbnail=thumbnail)
+
+
+def _prepare_all(state: ServiceState, spec: Any, uploads: list[tuple[str | None, bytes]]) -> list[PreparedImage]:
+    """Decode and reduce the uploads one at a time within the request's pixel budget."""
+    budget_left = state.settings.max_request_pixels
+    prepared: list[PreparedImage] = []
+    decoded = 0
+    try:
+        for i, (name, data) in enumerate(uploads):
+            item = _prepare_one(state, spec, data, _which(i, name, len(uploads)), budget_left)
+            pixels = item.size[0] * item.size[1]
+            budget_left -= pixels
+            decoded += pixels
+            prepared.append(item)
+    finally:
+        if decoded >= TRIM_AFTER_PIXELS:
+            trim_heap()
+    return prepared
 
 
 def _top_k_param(state: ServiceState, n_classes: int) -> int:
@@ -228,10 +359,10 @@ def _top_k_param(state: ServiceState, n_classes: int) -> int:
     return k
 
 
-def _predict(state: ServiceState, images: list[Image.Image], k: int) -> tuple[list[dict[str, Any]], float]:
-    """Run images through the model; returns per-image results and the forward time (s)."""
+def _predict(state: ServiceState, images: list[PreparedImage], k: int) -> tuple[list[dict[str, Any]], float]:
+    """Run prepared images through the model; returns per-image results and the forward time (s)."""
     predictor = state.require_predictor()
-    result = predictor.predict_images(images)
+    result = predictor.forward(np.stack([im.tensor for im in images]))
     state.metrics.inference_seconds.observe(result.inference_seconds)
     state.metrics.batch_size.observe(len(images))
     out = []
@@ -254,7 +385,8 @@ def _predict(state: ServiceState, images: list[Image.Image], k: int) -> tuple[li
     )
     if state.drift is not None:
         for img, p in zip(images, out):
-            state.drift.submit(img, p["label"], p["confidence"], p["abstained"])
+            if img.thumbnail is not None:
+                state.drift.submit(img.thumbnail, p["label"], p["confidence"], p["abstained"], size=img.size)
     return out, result.inference_seconds
 
 
@@ -272,7 +404,7 @@ def _prediction_response(state: ServiceState, fields: tuple[str, ...], legacy_ea
     predictor = state.require_predictor()
     uploads = _read_uploads(fields, state.settings.max_images)
     k = _top_k_param(state, len(predictor.classes))
-    images = _decode_all(uploads)
+    images = _prepare_all(state, predictor.spec, uploads)
     preds, forward_s = _predict(state, images, k)
     items = []
     for (name, _), p in zip(uploads, preds):
@@ -335,28 +467,41 @@ def _register_core_routes(app: Flask, state: ServiceState, exporter: Any) -> Non
     @app.get("/model")
     @app.get("/model/info")
     def model():
-        predictor = state.require_predictor()
-        meta = dict(predictor.bundle.metadata)
-        meta["serving"] = {
-            **predictor.describe(),
-            "source": predictor.source,
-            "model_file": str(predictor.model_path.relative_to(predictor.bundle.root)),
-            "threads": predictor.threads,
-            "available": [f"{r}/{p}" for r, p in predictor.bundle.available()],
-            "abstain_threshold": predictor.abstain_threshold,
-            "ood_threshold": predictor.ood_threshold,
-            "temperature": predictor.temperature,
-            "load_seconds": round(predictor.load_seconds, 3),
-            "max_upload_mb": state.settings.max_upload_mb,
-            "max_images": state.settings.max_images,
-        }
-        return jsonify(meta)
+        return jsonify(_public_model_info(state, state.require_predictor()))
 
     @app.get("/metrics")
     @exporter.do_not_track()
     def metrics():
         payload, content_type = state.metrics.render(request.headers.get("Accept"))
         return Response(payload, status=200, content_type=content_type)
+
+
+#: ``metadata.json`` keys a client may see on ``/model``. Left out on purpose: ``params``
+#: (training host paths such as ``data_root``, every hyper-parameter), ``lineage`` (run
+#: ids, git commit), ``files`` (paths, hashes) and anything added later: an allow-list.
+PUBLIC_METADATA_KEYS = ("schema_version", "name", "version", "architecture", "classes", "input", "outputs",
+                        "metrics", "calibration")
+
+
+def _public_model_info(state: ServiceState, predictor: Predictor) -> dict[str, Any]:
+    """What ``GET /model`` shows: the model's contract and quality, not how it was made."""
+    meta = predictor.bundle.metadata
+    info: dict[str, Any] = {k: meta[k] for k in PUBLIC_METADATA_KEYS if k in meta}
+    source = predictor.source
+    info["serving"] = {
+        **predictor.describe(),
+        # a registry URI says which model this is; a filesystem path only says where the server keeps it
+        "source": source if source.startswith(("models:/", "runs:/")) else "bundle",
+        "available": [f"{r}/{p}" for r, p in predictor.bundle.available()],
+        "abstain_threshold": predictor.abstain_threshold,
+        "ood_threshold": predictor.ood_threshold,
+        "temperature": predictor.temperature,
+        "max_upload_mb": state.settings.max_upload_mb,
+        "max_images": state.settings.max_images,
+        "max_image_megapixels": state.settings.max_image_megapixels,
+        "max_request_megapixels": state.settings.max_request_megapixels,
+    }
+    return info
 
 
 # --------------------------------------------------------------------------- OIP v2
@@ -399,7 +544,7 @@ def _parse_infer_request() -> dict[str, Any]:
     if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
         raise ClientError(415, "unsupported_media_type",
                           f"unsupported Content-Type {mimetype!r}: the v2 infer endpoint takes application/json")
-    raw = request.get_data(cache=False)
+    raw = _read_body()
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -438,7 +583,8 @@ def _b64_image(item: Any, i: int) -> bytes:
         raise ClientError(400, "bad_tensor", f"BYTES element {i} is not valid base64") from None
 
 
-def _oip_images(state: ServiceState, tensor: dict[str, Any], shape: list[int]) -> list[Image.Image]:
+def _oip_images(state: ServiceState, predictor: Predictor, tensor: dict[str, Any],
+                shape: list[int]) -> list[PreparedImage]:
     data = tensor.get("data")
     if len(shape) == 2 and shape[1] == 1:
         shape = [shape[0]]
@@ -449,7 +595,17 @@ def _oip_images(state: ServiceState, tensor: dict[str, Any], shape: list[int]) -
         got = len(data) if isinstance(data, list) else type(data).__name__
         raise ClientError(400, "bad_tensor", f"BYTES tensor of shape [{n}] needs {n} data elements, got {got}")
     _check_count(state, n)
-    return _decode_all([(f"input[{i}]", _b64_image(item, i)) for i, item in enumerate(data)])
+    budget_left = state.settings.max_request_pixels
+    prepared: list[PreparedImage] = []
+    try:
+        for i, item in enumerate(data):
+            one = _prepare_one(state, predictor.spec, _b64_image(item, i), f"input[{i}]", budget_left)
+            budget_left -= one.size[0] * one.size[1]
+            prepared.append(one)
+    finally:
+        if state.settings.max_request_pixels - budget_left >= TRIM_AFTER_PIXELS:
+            trim_heap()
+    return prepared
 
 
 def _oip_array(state: ServiceState, predictor: Predictor, tensor: dict[str, Any], shape: list[int]) -> np.ndarray:
@@ -487,10 +643,10 @@ def _oip_infer(state: ServiceState, name: str, version: str | None) -> dict[str,
     tensor = body["inputs"][0]
     datatype = str(tensor.get("datatype", "")).upper()
     shape = _tensor_shape(tensor)
-    images: list[Image.Image] | None = None
+    images: list[PreparedImage] | None = None
     if datatype == "BYTES":
-        images = _oip_images(state, tensor, shape)
-        result = predictor.predict_images(images)
+        images = _oip_images(state, predictor, tensor, shape)
+        result = predictor.forward(np.stack([im.tensor for im in images]))
     elif datatype == "FP32":
         result = predictor.forward(_oip_array(state, predictor, tensor, shape))
     else:
@@ -506,7 +662,8 @@ def _oip_infer(state: ServiceState, name: str, version: str | None) -> dict[str,
     state.metrics.observe_predictions(labels, [float(c) for c in conf], abstained)
     if images is not None and state.drift is not None:
         for img, label, c, a in zip(images, labels, conf, abstained):
-            state.drift.submit(img, label, float(c), a)
+            if img.thumbnail is not None:
+                state.drift.submit(img.thumbnail, label, float(c), a, size=img.size)
     n = len(labels)
     outputs = {
         "probabilities": {"name": "probabilities", "datatype": "FP32", "shape": [n, probs.shape[1]],

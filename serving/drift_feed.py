@@ -80,18 +80,20 @@ class DriftFeed:
         self._thread.start()
         atexit.register(self.close)
 
-    def submit(self, image: Image.Image, label: str, confidence: float, abstained: bool) -> bool:
+    def submit(self, image: Image.Image, label: str, confidence: float, abstained: bool,
+               size: tuple[int, int] | None = None) -> bool:
         """Queue one prediction for the feed; never blocks. Returns False if dropped.
 
         The image is shrunk *in place* to the 128-px thumbnail that
         :func:`~plantml.imagestats.image_statistics` works on anyway (identical result,
         the original size is kept aside), so the queue holds kilobytes per record
-        however large the upload was. Call this after the image has been preprocessed.
+        however large the upload was. Call this after the image has been preprocessed,
+        or pass a thumbnail made by :func:`shrink_for_stats` with the decoded ``size``.
         """
         if self._closed:
             return False
-        size = image.size
-        image.thumbnail((STATS_THUMBNAIL, STATS_THUMBNAIL), Image.Resampling.BILINEAR)
+        size = image.size if size is None else size
+        shrink_for_stats(image)
         try:
             self._queue.put_nowait((image, size, label, float(confidence), bool(abstained), _now_iso()))
             return True
@@ -151,9 +153,11 @@ class DriftFeed:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 try:
                     self._rotate_if_needed()
-                    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                    fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
                     try:
-                        os.write(fd, data)
+                        # a torn line left by a failed write (full disk, killed writer) is
+                        # closed first, so that it costs one bad line, not the next record too
+                        write_all(fd, (b"\n" if _ends_torn(fd) else b"") + data)
                     finally:
                         os.close(fd)
                 finally:
@@ -194,6 +198,33 @@ class DriftFeed:
         """Block until every record queued so far is written; False on timeout."""
         with self._queue.all_tasks_done:
             return self._queue.all_tasks_done.wait_for(lambda: self._queue.unfinished_tasks == 0, timeout)
+
+
+def shrink_for_stats(image: Image.Image) -> Image.Image:
+    """Shrink ``image`` in place to the thumbnail the drift statistics use; returns it."""
+    image.thumbnail((STATS_THUMBNAIL, STATS_THUMBNAIL), Image.Resampling.BILINEAR)
+    return image
+
+
+def _ends_torn(fd: int) -> bool:
+    """Whether the file behind ``fd`` is non-empty and does not end with a newline."""
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a write may be short: full disk, signal).
+
+    Raises:
+        OSError: the write failed (e.g. ``ENOSPC``); what was written stays, so a reader
+            may see a torn last line, which :func:`plantml.drift.read_drift_log` skips.
+    """
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(f"os.write wrote {written} bytes")
+        view = view[written:]
 
 
 def _now_iso() -> str:

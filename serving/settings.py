@@ -22,6 +22,14 @@ PLANTML_TIMEOUT             60                  seconds before a silent worker i
 PLANTML_GRACEFUL_TIMEOUT    30                  seconds in-flight requests get after SIGTERM
 PLANTML_MAX_UPLOAD_MB       10                  request body limit (413 above it)
 PLANTML_MAX_IMAGES          32                  images per request (400 above it)
+PLANTML_MAX_IMAGE_MEGAPIXELS 16                 decoded pixels per image (400 above it)
+PLANTML_MAX_REQUEST_MEGAPIXELS 64               decoded pixels per request, all images (413 above it)
+PLANTML_READ_TIMEOUT        30                  seconds a client has to send one whole request (408 after)
+PLANTML_MAX_CONNECTIONS     100                 open client connections per worker
+PLANTML_MAX_REQUESTS        2000                requests before a worker is recycled (0 = never)
+PLANTML_MAX_REQUESTS_JITTER 200                 random extra requests, so workers do not recycle together
+PLANTML_METRICS_PORT        (unset)             serve /metrics only on this port (and nothing else there)
+PLANTML_BUNDLE_SHA256       (unset)             expected sha256 of the bundle's metadata.json
 PLANTML_TOP_K               5                   classes listed per prediction
 PLANTML_LOG_LEVEL           info                debug | info | warning | error | critical
 PLANTML_ACCESS_LOG          true                gunicorn access log on stdout (true | false)
@@ -133,6 +141,14 @@ class Settings:
     graceful_timeout: int = 30
     max_upload_mb: float = 10.0
     max_images: int = 32
+    max_image_megapixels: float = 16.0
+    max_request_megapixels: float = 64.0
+    read_timeout: float = 30.0
+    max_connections: int = 100
+    max_requests: int = 2000
+    max_requests_jitter: int = 200
+    metrics_port: int | None = None
+    bundle_sha256: str | None = None
     top_k: int = 5
     log_level: str = "info"
     access_log: bool = True
@@ -159,6 +175,15 @@ class Settings:
                 f"PLANTML_MODEL_URI={self.model_uri!r} must look like models:/NAME@alias, models:/NAME/VERSION "
                 "or runs:/RUN_ID/bundle"
             )
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise SettingsError(f"PLANTML_METRICS_PORT={self.metrics_port} must differ from PLANTML_PORT")
+        if self.max_request_megapixels < self.max_image_megapixels:
+            raise SettingsError(
+                f"PLANTML_MAX_REQUEST_MEGAPIXELS={self.max_request_megapixels:g} is below "
+                f"PLANTML_MAX_IMAGE_MEGAPIXELS={self.max_image_megapixels:g}: no large image could ever be answered"
+            )
+        if self.bundle_sha256 is not None and not _is_sha256(self.bundle_sha256):
+            raise SettingsError(f"PLANTML_BUNDLE_SHA256={self.bundle_sha256!r} is not a 64-character hex sha256")
         if self.threads <= 0:
             object.__setattr__(self, "threads", max(1, available_cores() // max(1, self.workers)))
 
@@ -168,10 +193,28 @@ class Settings:
         return int(self.max_upload_mb * 1024 * 1024)
 
     @property
+    def max_image_pixels(self) -> int:
+        """Decoded pixels allowed per image."""
+        return int(self.max_image_megapixels * 1_000_000)
+
+    @property
+    def max_request_pixels(self) -> int:
+        """Decoded pixels allowed per request, all its images together."""
+        return int(self.max_request_megapixels * 1_000_000)
+
+    def _hostport(self, port: int) -> str:
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{port}"
+
+    @property
     def bind(self) -> str:
         """gunicorn's ``bind`` string (IPv6 hosts bracketed)."""
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"{host}:{self.port}"
+        return self._hostport(self.port)
+
+    @property
+    def binds(self) -> list[str]:
+        """Every address gunicorn listens on: the API port, then the metrics port if separate."""
+        return [self.bind] + ([self._hostport(self.metrics_port)] if self.metrics_port else [])
 
     def require_model_source(self) -> None:
         """Raise :class:`SettingsError` unless a bundle or a registry URI is set."""
@@ -213,6 +256,14 @@ class Settings:
             "graceful_timeout": ("PLANTML_GRACEFUL_TIMEOUT", lambda n, r: _int(n, r, 0, 3600)),
             "max_upload_mb": ("PLANTML_MAX_UPLOAD_MB", lambda n, r: _float(n, r, 0.01, 1024)),
             "max_images": ("PLANTML_MAX_IMAGES", lambda n, r: _int(n, r, 1, 1024)),
+            "max_image_megapixels": ("PLANTML_MAX_IMAGE_MEGAPIXELS", lambda n, r: _float(n, r, 0.01, 100)),
+            "max_request_megapixels": ("PLANTML_MAX_REQUEST_MEGAPIXELS", lambda n, r: _float(n, r, 0.01, 10_000)),
+            "read_timeout": ("PLANTML_READ_TIMEOUT", lambda n, r: _float(n, r, 0.1, 3600)),
+            "max_connections": ("PLANTML_MAX_CONNECTIONS", lambda n, r: _int(n, r, 1, 10_000)),
+            "max_requests": ("PLANTML_MAX_REQUESTS", lambda n, r: _int(n, r, 0, 10_000_000)),
+            "max_requests_jitter": ("PLANTML_MAX_REQUESTS_JITTER", lambda n, r: _int(n, r, 0, 10_000_000)),
+            "metrics_port": ("PLANTML_METRICS_PORT", lambda n, r: _int(n, r, 1, 65535)),
+            "bundle_sha256": ("PLANTML_BUNDLE_SHA256", lambda n, r: r.strip().lower() or None),
             "top_k": ("PLANTML_TOP_K", lambda n, r: _int(n, r, 1, 1000)),
             "log_level": ("PLANTML_LOG_LEVEL", lambda n, r: _choice(n, r, LOG_LEVELS)),
             "access_log": ("PLANTML_ACCESS_LOG", _bool),
@@ -231,6 +282,10 @@ class Settings:
             if parsed is not None:
                 values[field_name] = parsed
         return cls(**values)
+
+
+def _is_sha256(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def _host(name: str, raw: str) -> str:

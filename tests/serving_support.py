@@ -266,7 +266,7 @@ def unusual_images(base: Image.Image) -> dict[str, bytes]:
     palette_t.info["transparency"] = 0
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 CW
-    wide = Image.fromarray(np.tile(arr[:4], (1, 30, 1))).resize((2000, 16))
+    wide = Image.fromarray(np.tile(arr[:4], (1, 30, 1))).resize((1600, 16))  # 100:1, the accepted maximum
     frames = [rgb, rgb.rotate(90)]
     gif = io.BytesIO()
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])

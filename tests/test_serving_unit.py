@@ -222,15 +222,18 @@ def test_abstains_under_threshold_and_counts_it(tiny_bundle):
 # --------------------------------------------------------------------------- info endpoints
 
 
-def test_health_ready_classes_model(client):
+def test_health_ready_classes_model(client, tiny_bundle):
     assert client.get("/health").body == {"status": "ok"}
     r = client.get("/ready")
     assert r.status == 200 and r.body["model"]["name"] == "tiny-test-model"
     assert client.get("/classes").body == {"classes": LABELS, "num_classes": 3}
     for path in ("/model", "/model/info"):
         meta = client.get(path).body
-        assert meta["name"] == "tiny-test-model" and meta["classes"] == LABELS and "lineage" in meta
-        assert meta["serving"]["runtime"] == "openvino" and meta["serving"]["model_file"] == "openvino/model.xml"
+        assert meta["name"] == "tiny-test-model" and meta["classes"] == LABELS and "input" in meta
+        assert meta["serving"]["runtime"] == "openvino" and meta["serving"]["source"] == "bundle"
+        # issue 13 #10: how the model was made (host paths, params, run ids, file hashes) is not public
+        assert not {"lineage", "params", "files"} & set(meta), sorted(meta)
+        assert str(tiny_bundle) not in json.dumps(meta)
 
 
 def test_not_ready_until_a_model_is_set(tiny_bundle, predictor):

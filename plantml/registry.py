@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -201,7 +202,6 @@ def log_bundle_model(bundle_path: str | os.PathLike[str], *, run_id: str | None,
         code_paths=[str(Path(plantml.__file__).parent), str(Path(edge.__file__).parent)],
         signature=mlflow_model.model_signature(), input_example=mlflow_model.input_example(bundle),
         pip_requirements=mlflow_model.pip_requirements(), metadata=metadata,
-        model_config=dict(mlflow_model.DEFAULT_CONFIG),
         onnx_relpath=str(onnx_path.relative_to(bundle_path)) if onnx_path else None,
         tags={"bundle_name": bundle.name, "bundle_version": bundle.version, "mlflow_version": mlflow.__version__},
     )
@@ -436,14 +436,20 @@ def log_dataset_input(
     digest = str(summary.get("manifest_sha256") or "")
     root = str(summary.get("root") or "")
     frame = counts_frame(summary.get("counts") or {})
-    dataset = mlflow.data.from_pandas(frame, source=root or "unknown", name=name or (Path(root).name or "dataset"),
-                                      digest=digest[:36] or None)
+    with warnings.catch_warnings():
+        # MLflow registers its local-path source twice and warns that the path is ambiguous,
+        # and warns that integer counts cannot hold missing values: neither applies here.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        dataset = mlflow.data.from_pandas(frame, source=root or "unknown", name=name or (Path(root).name or "dataset"),
+                                          digest=digest[:36] or None)
+        entity = dataset._to_mlflow_entity()  # infers the schema (and warns) here
     input_tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
     if digest:
         input_tags.append(InputTag("manifest_sha256", digest))
     if "n_images" in summary:
         input_tags.append(InputTag("n_images", str(summary["n_images"])))
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=input_tags)])
+    client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=input_tags)])
     client.log_dict(run_id, _jsonable(summary), "dataset/summary.json")
     client.set_tag(run_id, "data.manifest_sha256", digest)
     log.info("logged dataset %s (%s, %d rows of counts) on run %s", dataset.name, digest[:12], len(frame), run_id)

@@ -21,6 +21,13 @@ A bundle is a directory::
 
 Bundles are written atomically by :class:`BundleWriter` (a hidden temporary directory
 renamed into place), and :func:`load_bundle` verifies every file's sha256.
+
+A bundle may come from a registry that others can write to, so loading trusts nothing
+in it: every listed path must be relative, free of ``..`` and of symbolic links, and
+resolve inside the bundle directory; ``metadata.json`` itself can be pinned by digest
+(``expected_metadata_sha256``, the service's ``PLANTML_BUNDLE_SHA256``). A consumer that
+loads a model file should take its bytes from :meth:`Bundle.read_verified`, which hashes
+exactly the bytes it returns, so nothing can change the file between check and use.
 """
 
 from __future__ import annotations
@@ -49,6 +56,36 @@ REQUIRED_KEYS = (
 
 class BundleError(ValueError):
     """A bundle is missing, malformed or fails its integrity check."""
+
+
+def contained_path(root: Path, rel: str) -> Path:
+    """``root / rel`` after checking that ``rel`` cannot leave the bundle.
+
+    Args:
+        root: the bundle directory, already resolved.
+        rel: a path as written in ``metadata.json``.
+
+    Raises:
+        BundleError: absolute path, a ``..`` component, a symbolic link on the way, or a
+            path that resolves outside ``root``.
+    """
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise BundleError(f"bundle file path {rel!r} is not a non-empty string")
+    pure = Path(rel)
+    if pure.is_absolute() or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+        raise BundleError(f"bundle file path {rel!r} is absolute; paths must be relative to the bundle")
+    if any(part == ".." for part in pure.parts) or "\\" in rel:
+        raise BundleError(f"bundle file path {rel!r} leaves the bundle directory")
+    path = root
+    for part in pure.parts:
+        path = path / part
+        if path.is_symlink():
+            raise BundleError(f"bundle file path {rel!r} goes through a symbolic link ({path.name})")
+    try:
+        path.resolve().relative_to(root)
+    except ValueError:
+        raise BundleError(f"bundle file path {rel!r} resolves outside the bundle directory") from None
+    return path
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -129,12 +166,45 @@ class Bundle:
         """
         for f in self.metadata["files"]:
             if f["runtime"] == runtime and f["precision"] == precision and f.get("role", "model") == "model":
-                return self.root / f["path"]
+                return contained_path(self.root, f["path"])
         have = ", ".join(f"{r}/{p}" for r, p in self.available()) or "none"
         raise BundleError(f"bundle {self.root} has no {runtime} {precision} model (available: {have})")
 
+    def model_files(self, runtime: str, precision: str = "fp32") -> list[dict[str, Any]]:
+        """The ``files`` entries of one runtime/precision: the model first, then its weights etc."""
+        entries = [f for f in self.metadata["files"] if f["runtime"] == runtime and f["precision"] == precision]
+        return sorted(entries, key=lambda f: f.get("role", "model") != "model")
+
     def path(self, rel: str) -> Path:
-        return self.root / rel
+        return contained_path(self.root, rel)
+
+    def read_verified(self, rel: str) -> bytes:
+        """The bytes of a listed file, checked against its sha256 (the bytes returned are the bytes hashed).
+
+        Raises:
+            BundleError: the file is not listed, cannot be read, or does not match its hash.
+        """
+        entry = next((f for f in self.metadata["files"] if f["path"] == rel), None)
+        if entry is None:
+            raise BundleError(f"{rel!r} is not listed in the bundle's {METADATA_FILE}")
+        path = contained_path(self.root, rel)
+        try:
+            with open(path, "rb", opener=_no_follow_opener) as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise BundleError(f"bundle file {rel} cannot be read: {exc}") from exc
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != entry["sha256"]:
+            raise BundleError(
+                f"sha256 mismatch for {rel}: metadata says {entry['sha256'][:12]}..., file is {actual[:12]}... "
+                "(the bundle was modified or corrupted; refusing to load it)"
+            )
+        return data
+
+
+def _no_follow_opener(path: str, flags: int) -> int:
+    """``open`` that refuses a symbolic link as the last component (O_NOFOLLOW)."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
 
 
 def validate_metadata(meta: Mapping[str, Any], where: str = "metadata.json") -> None:
@@ -164,40 +234,70 @@ def validate_metadata(meta: Mapping[str, Any], where: str = "metadata.json") -> 
         raise BundleError(f"{where}: bad input spec: {exc}") from exc
 
 
-def load_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
+def load_bundle(root: str | os.PathLike[str], verify: bool = True,
+                expected_metadata_sha256: str | None = None) -> Bundle:
     """Load a bundle directory and (by default) verify every file's sha256.
+
+    Every listed path is checked to stay inside the bundle (:func:`contained_path`), with
+    or without ``verify``.
 
     Args:
         root: the bundle directory (or a ``latest`` symlink to one).
         verify: check hashes; a mismatch is refused.
+        expected_metadata_sha256: if given, the sha256 that ``metadata.json`` must have
+            (a digest pinned in the deployment, so a tampered registry copy is refused).
 
     Raises:
-        BundleError: missing directory/metadata, bad schema, missing file, hash mismatch.
+        BundleError: missing directory/metadata, bad schema, a path leaving the bundle,
+            missing file, hash mismatch.
     """
     root = Path(root)
     if not root.is_dir():
         raise BundleError(f"bundle directory not found: {root}")
-    meta_path = root / METADATA_FILE
-    if not meta_path.is_file():
-        raise BundleError(f"not a bundle (no {METADATA_FILE}): {root}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{meta_path} is not valid JSON: {exc}") from exc
-    validate_metadata(meta, str(meta_path))
     root = root.resolve()
+    meta_path = root / METADATA_FILE
+    if meta_path.is_symlink() or not meta_path.is_file():
+        raise BundleError(f"not a bundle (no {METADATA_FILE} file): {root}")
+    raw = meta_path.read_bytes()
+    if expected_metadata_sha256 is not None:
+        actual = hashlib.sha256(raw).hexdigest()
+        if actual != expected_metadata_sha256.strip().lower():
+            raise BundleError(
+                f"{METADATA_FILE} has sha256 {actual[:12]}..., the pinned digest is "
+                f"{expected_metadata_sha256[:12]}... (PLANTML_BUNDLE_SHA256): refusing a bundle that is not the "
+                "one the deployment names"
+            )
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{meta_path} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise BundleError(f"{meta_path} must hold a JSON object")
+    validate_metadata(meta, str(meta_path))
+    bundle = Bundle(root=root, metadata=meta)
     if verify:
-        for f in meta["files"]:
-            path = root / f["path"]
-            if not path.is_file():
-                raise BundleError(f"bundle file missing: {f['path']} (listed in {meta_path})")
-            actual = sha256_file(path)
-            if actual != f["sha256"]:
-                raise BundleError(
-                    f"sha256 mismatch for {f['path']}: metadata says {f['sha256'][:12]}..., file is {actual[:12]}... "
-                    "(the bundle was modified or corrupted; refusing to load it)"
-                )
-    return Bundle(root=root, metadata=meta)
+        verify_files(bundle)
+    return bundle
+
+
+def verify_files(bundle: Bundle, skip: set[str] | frozenset[str] = frozenset()) -> None:
+    """Check every listed file but those in ``skip`` (e.g. the ones read with :meth:`Bundle.read_verified`).
+
+    Raises:
+        BundleError: a path leaves the bundle, a file is missing, or a hash does not match.
+    """
+    for f in bundle.metadata["files"]:
+        if f["path"] in skip:
+            continue
+        path = contained_path(bundle.root, f["path"])
+        if not path.is_file():
+            raise BundleError(f"bundle file missing: {f['path']} (listed in {bundle.root / METADATA_FILE})")
+        actual = sha256_file(path)
+        if actual != f["sha256"]:
+            raise BundleError(
+                f"sha256 mismatch for {f['path']}: metadata says {f['sha256'][:12]}..., file is {actual[:12]}... "
+                "(the bundle was modified or corrupted; refusing to load it)"
+            )
 
 
 class BundleWriter:

@@ -30,6 +30,7 @@ import binascii
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,8 @@ from plantml.preprocess import ImageDecodeError, finish_decode, open_image, prep
 from serving.drift_feed import DriftFeed, shrink_for_stats
 from serving.limits import PixelGate, trim_heap
 from serving.metrics import REQUEST_BUCKETS, ServingMetrics
-from serving.predictor import ModelLoadError, Predictor, build_predictor, worker_predictor
+from serving.predictor import (ModelLoadError, Predictor, build_predictor, set_worker_load_error, unready_workers,
+                               worker_load_error, worker_predictor)
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -144,7 +146,10 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     app.extensions["plantml"] = state
 
     predictor = predictor or worker_predictor()
-    if predictor is None and load_model:
+    if predictor is None and worker_load_error() is not None:
+        state.load_error = worker_load_error()
+        _start_reload_retries(state)
+    elif predictor is None and load_model:
         predictor = build_predictor(settings)
     if predictor is not None:
         state.set_predictor(predictor)
@@ -154,6 +159,40 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     _register_oip_routes(app, state)
     app.wsgi_app = MethodFilter(app.wsgi_app, state)  # type: ignore[method-assign]
     return app
+
+
+def _start_reload_retries(state: ServiceState) -> threading.Thread:
+    """Retry loading the model in the background (a worker respawned after a bad reload).
+
+    The worker stays up and answers 503 meanwhile; when the bundle is good again (fixed on
+    disk, or the pod replaced) it becomes ready without anybody restarting the server.
+    """
+    def retry() -> None:
+        while state.predictor is None:
+            time.sleep(state.settings.reload_retry_seconds)
+            try:
+                predictor = build_predictor(state.settings)
+            except ModelLoadError as exc:
+                state.load_error = str(exc)
+                log.warning("model still not loadable: %s", exc)
+                continue
+            state.set_predictor(predictor)
+            set_worker_load_error(None)
+            log.info("model loaded after an earlier failure: %s %s", predictor.name, predictor.version)
+
+    thread = threading.Thread(target=retry, name="model-reload", daemon=True)
+    thread.start()
+    return thread
+
+
+def _not_ready_reason(state: ServiceState) -> str | None:
+    """Why the server is not ready (this worker without a model, or a sibling worker), or ``None``."""
+    if state.predictor is None:
+        return "model not loaded" + (f": {state.load_error}" if state.load_error else "")
+    others = unready_workers()
+    if others:
+        return f"{others} worker(s) of this server could not load the model (see the server log)"
+    return None
 
 
 class MethodFilter:
@@ -455,8 +494,9 @@ def _register_core_routes(app: Flask, state: ServiceState, exporter: Any) -> Non
 
     @app.get("/ready")
     def ready():
-        if state.predictor is None:
-            return _error(503, "model not loaded" + (f": {state.load_error}" if state.load_error else ""), "not_ready")
+        reason = _not_ready_reason(state)
+        if reason is not None:
+            return _error(503, reason, "not_ready")
         return jsonify({"status": "ready", "model": state.predictor.describe()})
 
     @app.get("/classes")
@@ -706,7 +746,7 @@ def _register_oip_routes(app: Flask, state: ServiceState) -> None:
 
     @app.get("/v2/health/ready")
     def oip_ready():
-        if state.predictor is None:
+        if _not_ready_reason(state) is not None:
             return jsonify({"ready": False}), 503
         return jsonify({"ready": True})
 

@@ -18,6 +18,13 @@ Every value comes from :class:`serving.settings.Settings` (environment variables
   process, and handed to the workers.
 * SIGTERM: gunicorn stops accepting, lets in-flight requests finish for up to
   ``PLANTML_GRACEFUL_TIMEOUT`` seconds, then exits.
+* Hostile clients: the worker class (:mod:`serving.worker`) reads each whole request in
+  its event loop with a total deadline (``PLANTML_READ_TIMEOUT``) before a request thread
+  sees it; workers are recycled after ``PLANTML_MAX_REQUESTS`` (+ jitter) requests, and
+  glibc is told to keep few arenas and to return large blocks (``serving.limits``).
+* A worker that cannot load the model stops the server only at first boot. Later (a
+  respawn after the bundle changed on disk), it logs, stays up unready and retries; the
+  other workers keep serving and ``/ready`` reports the server not ready meanwhile.
 """
 
 # NOTE: gunicorn exec()s this file; names below that match gunicorn settings are settings.
@@ -43,10 +50,13 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     _OWN_METRICS_DIR = tempfile.mkdtemp(prefix="plantml-prom-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _OWN_METRICS_DIR
 
-bind = [_settings.bind]
+bind = _settings.binds
 workers = _settings.workers
-worker_class = "gthread"
+worker_class = "serving.worker.BufferingThreadWorker"
+worker_connections = _settings.max_connections
 threads = _settings.http_threads
+max_requests = _settings.max_requests
+max_requests_jitter = _settings.max_requests_jitter if _settings.max_requests else 0
 timeout = _settings.timeout
 graceful_timeout = _settings.graceful_timeout
 keepalive = 5
@@ -69,8 +79,10 @@ def on_starting(server):
         level=_settings.log_level.upper(), stream=sys.stderr,
         format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
     )
+    from serving.limits import tune_malloc
     from serving.metrics import prepare_multiproc_dir
 
+    tune_malloc()  # inherited by the workers; MALLOC_ARENA_MAX in the environment does it earlier still
     prepare_multiproc_dir(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
     from serving.predictor import FETCHED_BUNDLE_ENV
 
@@ -80,10 +92,12 @@ def on_starting(server):
             [sys.executable, "-m", "serving.fetch", _settings.model_uri, str(_settings.model_cache)],
             capture_output=True, text=True,
         )
-        if proc.returncode != 0:
-            server.log.error("cannot fetch %s: %s", _settings.model_uri, proc.stderr.strip()[-2000:])
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            why = proc.stderr.strip()[-2000:] or f"the fetch printed no bundle path (exit status {proc.returncode})"
+            server.log.error("cannot fetch %s: %s", _settings.model_uri, why)
             sys.exit(4)
-        os.environ[FETCHED_BUNDLE_ENV] = proc.stdout.strip().splitlines()[-1]
+        os.environ[FETCHED_BUNDLE_ENV] = lines[-1]
         server.log.info("bundle downloaded to %s", os.environ[FETCHED_BUNDLE_ENV])
     else:
         os.environ.pop(FETCHED_BUNDLE_ENV, None)
@@ -91,7 +105,7 @@ def on_starting(server):
 
     bundle_dir = _settings.bundle or Path(os.environ[FETCHED_BUNDLE_ENV])
     try:
-        bundle = load_bundle(bundle_dir, verify=True)
+        bundle = load_bundle(bundle_dir, verify=True, expected_metadata_sha256=_settings.bundle_sha256)
     except BundleError as exc:
         server.log.error("refusing to start: %s", exc)
         sys.exit(4)
@@ -103,14 +117,29 @@ def on_starting(server):
 
 
 def post_fork(server, worker):
-    """Worker, after the fork: build this worker's predictor (fails the boot on error)."""
-    from serving.predictor import ModelLoadError, build_predictor, set_worker_predictor
+    """Worker, after the fork: build this worker's predictor.
 
+    At first boot a failure stops the server (exit 3 is gunicorn's WORKER_BOOT_ERROR: the
+    master halts with the reason in the log instead of respawning forever). Once any
+    worker has served, a failure must not take the healthy workers down with it: this
+    worker stays up unready and retries (``serving.app``), and ``/ready`` says 503.
+    """
+    from serving.limits import tune_malloc
+    from serving.predictor import (ModelLoadError, build_predictor, first_boot_done, mark_booted,
+                                   set_worker_load_error, set_worker_predictor)
+
+    tune_malloc()
     try:
         set_worker_predictor(build_predictor(Settings.from_env()))
     except (ModelLoadError, SettingsError) as exc:
-        server.log.error("worker %s cannot load the model: %s", worker.pid, exc)
-        sys.exit(3)  # gunicorn's WORKER_BOOT_ERROR: the master stops instead of respawning forever
+        if not first_boot_done():
+            server.log.error("worker %s cannot load the model: %s", worker.pid, exc)
+            sys.exit(3)
+        server.log.error("worker %s cannot load the model: %s; it stays up unready and retries, the other "
+                         "workers keep serving", worker.pid, exc)
+        set_worker_load_error(str(exc))
+        return
+    mark_booted()
 
 
 def post_worker_init(worker):
@@ -142,6 +171,9 @@ def _reap_idle_connections_on_shutdown(worker):
 
 def worker_exit(server, worker):
     """Worker, on the way out: write what the drift feed still holds."""
+    from serving.predictor import set_worker_load_error
+
+    set_worker_load_error(None)  # an unready worker that leaves no longer holds the server unready
     app = getattr(worker, "wsgi", None)
     state = getattr(app, "extensions", {}).get("plantml") if app is not None else None
     if state is not None and state.drift is not None:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from plantml.bundle import Bundle, BundleError, load_bundle
+from plantml.bundle import Bundle, BundleError, load_bundle, verify_files
 from plantml.ood import decide
 from plantml.preprocess import preprocess_batch, softmax
 
@@ -40,6 +40,20 @@ log = logging.getLogger(__name__)
 FETCHED_BUNDLE_ENV = "PLANTML_FETCHED_BUNDLE"
 
 _WORKER_PREDICTOR: "Predictor | None" = None
+_WORKER_LOAD_ERROR: str | None = None
+
+
+def _shared_counter() -> Any:
+    """An integer in anonymous shared memory: made in the gunicorn master, seen by every forked worker."""
+    import multiprocessing
+
+    return multiprocessing.RawValue("i", 0)
+
+
+#: Set once any worker has loaded the model (shared across the fork).
+_BOOTED = _shared_counter()
+#: Workers currently up without a model (shared across the fork); ``/ready`` is 503 while > 0.
+_UNREADY_WORKERS = _shared_counter()
 
 
 class ModelLoadError(RuntimeError):
@@ -86,7 +100,8 @@ def choose_runtime(bundle: Bundle, runtime: str, precision: str) -> str:
     raise ModelLoadError(f"bundle {bundle.root} has no usable {precision} model (available: {listed})")
 
 
-def _onnxruntime_session(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+def _onnxruntime_session(model: bytes, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """An ONNX Runtime session over the model's (already verified) bytes."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -97,7 +112,7 @@ def _onnxruntime_session(path: Path, threads: int) -> Callable[[np.ndarray], np.
     # Idle worker threads spinning for work would steal the CPU the other gunicorn
     # workers need; a model server is better off sleeping between requests.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
 
     def run(x: np.ndarray) -> list[np.ndarray]:
@@ -106,7 +121,8 @@ def _onnxruntime_session(path: Path, threads: int) -> Callable[[np.ndarray], np.
     return run
 
 
-def _openvino_model(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+def _openvino_model(xml: bytes, weights: bytes, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """An OpenVINO compiled model over the IR's (already verified) XML and weights bytes."""
     import openvino as ov
 
     core = ov.Core()
@@ -116,7 +132,8 @@ def _openvino_model(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarr
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_PRECISION_HINT": "f32",
     }
-    compiled = core.compile_model(str(path), "CPU", config)
+    model = core.read_model(xml, weights)
+    compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
 
     def run(x: np.ndarray) -> list[np.ndarray]:
@@ -164,11 +181,17 @@ class Predictor:
         self.ood_threshold = bundle.ood_threshold
         self._lock = threading.Lock()
         started = time.perf_counter()
+        blobs = self._verified_model_bytes()
         try:
             if self.runtime == "openvino":
-                self._run = _openvino_model(self.model_path, self.threads)
+                if len(blobs) < 2:
+                    raise ModelLoadError(f"bundle lists no weights file for {self.model_path.name}")
+                self._run = _openvino_model(blobs[0], blobs[1], self.threads)
             else:
-                self._run = _onnxruntime_session(self.model_path, self.threads)
+                self._run = _onnxruntime_session(blobs[0], self.threads)
+            del blobs
+        except ModelLoadError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any runtime failure is a load failure
             raise ModelLoadError(f"{self.runtime} could not load {self.model_path}: {exc}") from exc
         self._warm_up()
@@ -178,6 +201,20 @@ class Predictor:
             bundle.name, bundle.version, self.runtime, precision, self.threads, len(self.classes),
             self.load_seconds, os.getpid(),
         )
+
+    def _verified_model_bytes(self) -> list[bytes]:
+        """The served model's files, read once and checked against their sha256 (model first).
+
+        The runtime is built from these very bytes, so there is no window between the
+        integrity check and the load in which the file on disk could change.
+
+        Raises:
+            ModelLoadError: a file is missing, unreadable or does not match its hash.
+        """
+        try:
+            return [self.bundle.read_verified(f["path"]) for f in self.bundle.model_files(self.runtime, self.precision)]
+        except BundleError as exc:
+            raise ModelLoadError(str(exc)) from exc
 
     @property
     def name(self) -> str:
@@ -248,24 +285,69 @@ def bundle_dir_for(settings: Settings) -> tuple[Path, str]:
 
 
 def fetch_model(model_uri: str, cache_dir: Path) -> Path:
-    """Download a registered bundle from MLflow into a fresh folder under ``cache_dir``.
+    """Download a registered bundle from MLflow into ``cache_dir/current``.
+
+    Each start downloads into a fresh temporary folder beside it and, once the download
+    is a loadable bundle, renames it over ``current``; older downloads and a failed one
+    are removed, so restarts never pile up copies (a 256 MiB ``/tmp`` filled after ~7).
 
     Raises:
-        ModelLoadError: if the registry cannot be reached or has no such model.
+        ModelLoadError: if the registry cannot be reached, has no such model, or what it
+            returned is not a bundle.
     """
+    import shutil
     import tempfile
 
     from plantml.registry import fetch_bundle
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    dst = Path(tempfile.mkdtemp(prefix="bundle-", dir=cache_dir))
+    _remove_stale_downloads(cache_dir)
+    dst = Path(tempfile.mkdtemp(prefix=".download-", dir=cache_dir))
     try:
-        path = fetch_bundle(model_uri, dst)
-    except Exception as exc:  # noqa: BLE001 - mlflow raises many types; all mean "cannot fetch"
-        raise ModelLoadError(f"could not fetch {model_uri} from the MLflow registry: {exc}") from exc
-    log.info("fetched %s into %s", model_uri, path)
-    return path
+        try:
+            path = Path(fetch_bundle(model_uri, dst))
+        except Exception as exc:  # noqa: BLE001 - mlflow raises many types; all mean "cannot fetch"
+            raise ModelLoadError(f"could not fetch {model_uri} from the MLflow registry: {exc}") from exc
+        path = _bundle_root_in(path, model_uri)
+        final = cache_dir / "current"
+        old = cache_dir / f".old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(path, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(dst, ignore_errors=True)
+    log.info("fetched %s into %s", model_uri, final)
+    return final
+
+
+def _remove_stale_downloads(cache_dir: Path) -> None:
+    """Remove what earlier starts left behind (temporary or superseded downloads)."""
+    import shutil
+
+    for stale in list(cache_dir.glob(".download-*")) + list(cache_dir.glob(".old-*")) + list(cache_dir.glob("bundle-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _bundle_root_in(path: Path, model_uri: str) -> Path:
+    """The bundle directory inside a download (it may be one level down).
+
+    Raises:
+        ModelLoadError: the download is empty or holds no ``metadata.json``.
+    """
+    from plantml.bundle import METADATA_FILE
+
+    if path.is_dir() and (path / METADATA_FILE).is_file():
+        return path
+    candidates = [p.parent for p in path.glob(f"*/{METADATA_FILE}")] if path.is_dir() else []
+    if len(candidates) == 1:
+        return candidates[0]
+    content = sorted(p.name for p in path.iterdir())[:5] if path.is_dir() else []
+    raise ModelLoadError(
+        f"{model_uri} downloaded, but it is not a bundle: no {METADATA_FILE} in the download "
+        f"({'empty' if not content else 'holds ' + ', '.join(content)})"
+    )
 
 
 def build_predictor(settings: Settings) -> Predictor:
@@ -277,10 +359,14 @@ def build_predictor(settings: Settings) -> Predictor:
     """
     path, source = bundle_dir_for(settings)
     try:
-        bundle = load_bundle(path, verify=True)
+        # Each file is hashed once: the model's own files as they are read (Predictor
+        # builds the runtime from those very bytes), the others afterwards.
+        bundle = load_bundle(path, verify=False, expected_metadata_sha256=settings.bundle_sha256)
+        predictor = Predictor(bundle, settings.runtime, settings.precision, settings.threads, source=source)
+        verify_files(bundle, skip={f["path"] for f in bundle.model_files(predictor.runtime, predictor.precision)})
     except BundleError as exc:
         raise ModelLoadError(str(exc)) from exc
-    return Predictor(bundle, settings.runtime, settings.precision, settings.threads, source=source)
+    return predictor
 
 
 def set_worker_predictor(predictor: Predictor | None) -> None:
@@ -292,3 +378,34 @@ def set_worker_predictor(predictor: Predictor | None) -> None:
 def worker_predictor() -> Predictor | None:
     """The predictor built for this worker process, if any."""
     return _WORKER_PREDICTOR
+
+
+def mark_booted() -> None:
+    """Record that a worker has loaded the model (from then on, load failures do not stop the server)."""
+    _BOOTED.value = 1
+
+
+def first_boot_done() -> bool:
+    """Whether any worker of this server has loaded the model before."""
+    return bool(_BOOTED.value)
+
+
+def set_worker_load_error(message: str | None) -> None:
+    """Record (or clear, with ``None``) that this worker is up without a model, and why."""
+    global _WORKER_LOAD_ERROR
+    was_unready = _WORKER_LOAD_ERROR is not None
+    _WORKER_LOAD_ERROR = message
+    if message is not None and not was_unready:
+        _UNREADY_WORKERS.value += 1
+    elif message is None and was_unready:
+        _UNREADY_WORKERS.value = max(0, _UNREADY_WORKERS.value - 1)
+
+
+def worker_load_error() -> str | None:
+    """Why this worker has no model, if it has none after a failed load."""
+    return _WORKER_LOAD_ERROR
+
+
+def unready_workers() -> int:
+    """How many workers of this server are up without a model."""
+    return int(_UNREADY_WORKERS.value)

@@ -30,6 +30,7 @@ PLANTML_MAX_REQUESTS        2000                requests before a worker is recy
 PLANTML_MAX_REQUESTS_JITTER 200                 random extra requests, so workers do not recycle together
 PLANTML_METRICS_PORT        (unset)             serve /metrics only on this port (and nothing else there)
 PLANTML_BUNDLE_SHA256       (unset)             expected sha256 of the bundle's metadata.json
+PLANTML_RELOAD_RETRY_SECONDS 15                 a worker that failed to load the model retries this often
 PLANTML_TOP_K               5                   classes listed per prediction
 PLANTML_LOG_LEVEL           info                debug | info | warning | error | critical
 PLANTML_ACCESS_LOG          true                gunicorn access log on stdout (true | false)
@@ -149,6 +150,7 @@ class Settings:
     max_requests_jitter: int = 200
     metrics_port: int | None = None
     bundle_sha256: str | None = None
+    reload_retry_seconds: float = 15.0
     top_k: int = 5
     log_level: str = "info"
     access_log: bool = True
@@ -264,6 +266,7 @@ class Settings:
             "max_requests_jitter": ("PLANTML_MAX_REQUESTS_JITTER", lambda n, r: _int(n, r, 0, 10_000_000)),
             "metrics_port": ("PLANTML_METRICS_PORT", lambda n, r: _int(n, r, 1, 65535)),
             "bundle_sha256": ("PLANTML_BUNDLE_SHA256", lambda n, r: r.strip().lower() or None),
+            "reload_retry_seconds": ("PLANTML_RELOAD_RETRY_SECONDS", lambda n, r: _float(n, r, 0.1, 86_400)),
             "top_k": ("PLANTML_TOP_K", lambda n, r: _int(n, r, 1, 1000)),
             "log_level": ("PLANTML_LOG_LEVEL", lambda n, r: _choice(n, r, LOG_LEVELS)),
             "access_log": ("PLANTML_ACCESS_LOG", _bool),

@@ -124,6 +124,29 @@ def to_bytes(value: Any) -> bytes:
     raise ImageDecodeError("not_image", f"expected bytes or a base64 string, got {type(value).__name__}")
 
 
+def decode_cell(value: Any) -> Image.Image:
+    """Decode one input cell into an RGB image.
+
+    Bytes that are not an image but are base64 text are decoded once more: MLflow's scoring
+    server base64-decodes binary columns for ``dataframe_split``/``dataframe_records``
+    payloads but hands the base64 text over as bytes for ``inputs``/``instances``.
+
+    Raises:
+        ImageDecodeError: not an image (see :func:`plantml.preprocess.decode_image`).
+    """
+    data = to_bytes(value)
+    try:
+        return decode_image(data)
+    except ImageDecodeError as exc:
+        if exc.reason != "not_image":
+            raise
+        try:
+            inner = base64.b64decode(b"".join(data.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise exc from None
+        return decode_image(inner)
+
+
 def predict_encoded(model: EdgeModel, encoded: Sequence[Any], batch_size: int = 16) -> pd.DataFrame:
     """Decode and classify encoded images with an :class:`EdgeModel`, in chunks of ``batch_size``.
 
@@ -141,7 +164,7 @@ def _predict_chunk(model: EdgeModel, encoded: Iterable[Any]) -> list[dict[str, A
     images, where = [], []
     for i, value in enumerate(encoded):
         try:
-            images.append(decode_image(to_bytes(value)))
+            images.append(decode_cell(value))
             where.append(i)
             rows.append({})
         except ImageDecodeError as exc:

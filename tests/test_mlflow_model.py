@@ -212,7 +212,8 @@ def test_mlflow_models_serve_invocations(served, registered):
     import requests
 
     images = test_images()
-    payload = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b).decode()] for b in images]}}
+    payload_b64 = [base64.b64encode(b).decode() for b in images]
+    payload = {"dataframe_split": {"columns": ["image"], "data": [[b] for b in payload_b64]}}
     reply = requests.post(f"{served}/invocations", json=payload, timeout=60)
     assert reply.status_code == 200, reply.text[:2000]
     answer = reply.json()["predictions"]
@@ -221,3 +222,7 @@ def test_mlflow_models_serve_invocations(served, registered):
     _assert_same(answer, edge_rows, serving_rows)
     assert [r["label"] for r in answer[:3]] == list(TINY_CLASSES)
     assert answer[3]["abstained"] and answer[3]["abstain_reason"] == "out_of_distribution"
+    # the tensor-style payload (MLflow passes its base64 text through as bytes)
+    reply = requests.post(f"{served}/invocations", json={"inputs": {"image": payload_b64[:4]}}, timeout=60)
+    assert reply.status_code == 200, reply.text[:2000]
+    assert [r["label"] for r in reply.json()["predictions"]] == [r["label"] for r in edge_rows[:4]]

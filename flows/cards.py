@@ -72,6 +72,28 @@ def train_card(result: Mapping[str, Any], curve_png: str | None, is_demo: bool) 
     return parts
 
 
+def live_train_card(card: Any, model_name: str) -> Any:
+    """A card section that refreshes after every epoch while the branch trains.
+
+    Returns:
+        ``on_epoch_end(row, result)`` for :func:`plantml.training.train_model`.
+    """
+    progress = Markdown(f"## Training `{model_name}`: first epoch running…")
+    card.append(progress)
+    card.refresh()
+
+    def update(row: Mapping[str, float], result: Any) -> None:
+        history = result.history
+        lines = ["| epoch | train loss | val accuracy | val macro-F1 | images/s | s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {h['epoch']} | {h['train_loss']:.4f} | {h['val_accuracy']:.4f} | {h['val_macro_f1']:.4f} | "
+                  f"{h.get('images_per_second', float('nan')):.1f} | {h['seconds']:.0f} |" for h in history]
+        progress.update(f"## Training `{model_name}` — epoch {row['epoch']:.0f} done (best so far: epoch "
+                        f"{result.best_epoch}, val macro-F1 {result.best_val_macro_f1:.4f})\n\n" + "\n".join(lines))
+        card.refresh(force=True)
+
+    return update
+
+
 def evaluate_card(report: Mapping[str, Any], train_errors: Mapping[str, str]) -> list[Any]:
     """CNN vs ViT side by side, champion, confusion, ROC, per-class, calibration, robustness."""
     parts: list[Any] = banner(report["is_demo"])

@@ -11,9 +11,21 @@ Usage (inside the environment; ``make run`` creates it and runs the first line):
 
 Every parameter comes from ``params.yaml`` (``--params`` picks another file, ``--set``
 overrides keys). Steps are thin: they call one function of :mod:`plantml.pipeline`, keep
-plain data as artifacts, and build a card. The trained weights travel between steps as a
-Metaflow artifact, so ``resume`` and remote execution (``--with kubernetes``) work
-without a shared disk. ``@resources`` only matters when a step runs remotely.
+plain data as artifacts, and build a card.
+
+Steps share nothing but the datastore. ``prepare`` decodes the data once into
+WebDataset shards in the run's *store* (beside the Metaflow datastore: a folder of the
+local datastore, or S3 with ``--datastore s3``); training streams them and writes a
+checkpoint there after every epoch (a retried or resumed branch continues from it);
+evaluate publishes the OOD detector there; the trained weights travel as artifacts. So
+``resume`` from any step and remote execution (``--with kubernetes``, Argo) work without
+a shared disk::
+
+    python flows/train_flow.py --datastore s3 run --data-dir s3://bucket/PlantVillage
+
+``@resources`` (cpu, memory, gpu, disk per step) come from the ``resources`` section of
+``params.yaml`` (the repository's, or ``$PLANTML_PARAMS``) when this file is imported; they
+only matter when a step runs remotely.
 """
 
 from __future__ import annotations
@@ -28,6 +40,11 @@ from metaflow import FlowSpec, Parameter, card, catch, current, resources, retry
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from flows import cards  # noqa: E402
+from flows.store import checkpoint_uris, run_store  # noqa: E402
+from plantml.config import load_params  # noqa: E402
+
+# Decorator arguments are fixed at import: read the resources from the default parameter file.
+RESOURCES = load_params().resources
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -63,17 +80,17 @@ class PlantDiseaseFlow(FlowSpec):
         current.card.append(cards.Markdown(f"# Parameters\n```\n{cards._pretty(self.params)}\n```"))
         self.next(self.prepare)
 
+    @resources(**RESOURCES.prepare.decorator_kwargs())
     @card(type="blank")
     @step
     def prepare(self):
-        """Scan, check and split the data; write the manifest."""
-        from dataclasses import asdict
-
+        """Scan, check and split the data; decode it once into shards in the run's store."""
         from plantml.pipeline import prepare, repo_path
+        from plantml.storage import join
 
         params = self._params()
-        rows, summary, manifest_path = prepare(params)
-        self.manifest = [asdict(r) for r in rows]
+        summary, index = prepare(params, store=join(run_store(self), "data"))
+        self.shards = index.to_dict()
         self.summary = summary.to_dict()
         self.classes = summary.classes
         chart = cards.class_chart(self.summary, repo_path(params.evaluate.out_dir) / current.run_id / "classes.png")
@@ -83,7 +100,7 @@ class PlantDiseaseFlow(FlowSpec):
 
     @catch(var="train_error", print_exception=True)
     @retry(times=1)
-    @resources(cpu=2, memory=8000)
+    @resources(**RESOURCES.train.decorator_kwargs())
     @card(type="blank")
     @step
     def train(self):
@@ -94,8 +111,10 @@ class PlantDiseaseFlow(FlowSpec):
         params = self._params()
         self.model_name = self.input
         out_dir = repo_path(params.train.out_dir) / current.run_id / self.model_name
-        result = train_branch(params, self.model_name, self._rows(), self.classes, out_dir,
-                              parallel_branches=len(self.model_names))
+        checkpoint, earlier = checkpoint_uris(self, self.model_name)
+        result = train_branch(params, self.model_name, self._index(), out_dir,
+                              parallel_branches=len(self.model_names), checkpoint_uri=checkpoint,
+                              resume_uris=earlier, on_epoch_end=cards.live_train_card(current.card, self.model_name))
         self.train_result = result.to_dict()
         self.checkpoint = Path(result.checkpoint_path).read_bytes()
         curve = plot_training_curves({self.model_name: result.history}, out_dir / "curves.png")
@@ -103,19 +122,21 @@ class PlantDiseaseFlow(FlowSpec):
             current.card.append(part)
         self.next(self.evaluate)
 
-    def _rows(self):
-        from plantml.data import ManifestRow
+    def _index(self):
+        from plantml.shards import ShardIndex
 
-        return [ManifestRow(**r) for r in self.manifest]
+        return ShardIndex.from_dict(self.shards)
 
+    @resources(**RESOURCES.evaluate.decorator_kwargs())
     @card(type="blank")
     @step
     def evaluate(self, inputs):
         """Test metrics, CNN vs ViT, champion, calibration, robustness; MLflow runs; quality gates."""
         from plantml.pipeline import enforce_quality_gates, evaluate_models, repo_path
         from plantml.registry import log_branch_run
+        from plantml.storage import join
 
-        self.merge_artifacts(inputs, include=["params", "manifest", "summary", "classes", "mlflow_parent_run_id",
+        self.merge_artifacts(inputs, include=["params", "shards", "summary", "classes", "mlflow_parent_run_id",
                                               "model_names"])
         params = self._params()
         self.train_errors = {i.model_name if hasattr(i, "model_name") else i.input: str(i.train_error)
@@ -133,8 +154,9 @@ class PlantDiseaseFlow(FlowSpec):
             checkpoints[i.model_name] = str(path)
         self.train_results = {i.model_name: i.train_result for i in ok}
         self.checkpoints = {i.model_name: i.checkpoint for i in ok}
-        report = evaluate_models(params, self.train_results, checkpoints, self._rows(),
-                                 repo_path(params.evaluate.out_dir) / current.run_id, is_demo=self.summary["is_demo"])
+        report = evaluate_models(params, self.train_results, checkpoints, self._index(),
+                                 repo_path(params.evaluate.out_dir) / current.run_id, is_demo=self.summary["is_demo"],
+                                 store=join(run_store(self), "eval"))
         self.report = report
         self.champion = report["champion"]
         self.mlflow_run_ids = {}
@@ -158,6 +180,7 @@ class PlantDiseaseFlow(FlowSpec):
         self.next(self.export)
 
     @retry(times=1)
+    @resources(**RESOURCES.export.decorator_kwargs())
     @card(type="blank")
     @step
     def export(self):
@@ -171,7 +194,7 @@ class PlantDiseaseFlow(FlowSpec):
             ckpt = Path(tmp) / "model.pt"
             ckpt.write_bytes(self.checkpoints[name])
             path, metadata = export_champion(
-                params, self.report, self.train_results[name], str(ckpt), self._rows(),
+                params, self.report, self.train_results[name], str(ckpt), self._index(),
                 lineage={"metaflow_flow": current.flow_name, "metaflow_run_id": current.run_id,
                          "mlflow_run_id": self.mlflow_run_ids[name], "mlflow_parent_run_id": self.mlflow_parent_run_id,
                          "data_manifest_sha256": self.summary["manifest_sha256"], "data_root": self.summary["root"]})

@@ -2,7 +2,7 @@
 
 ::
 
-    plantml prepare [--data-dir DIR]            # -> artifacts/prepared/{manifest.csv,summary.json}
+    plantml prepare [--data-dir DIR|s3://...]   # -> artifacts/prepared/{index.json,*.tar,manifest.csv,summary.json}
     plantml train --model cnn                   # -> artifacts/train/cnn/{model.pt,history.json,result.json}
     plantml evaluate                            # -> artifacts/eval/{metrics.json,report.json,plots/}
     plantml export --out artifacts/bundle       # -> a bundle directory (atomic), optionally registered
@@ -39,22 +39,29 @@ def _load(args: argparse.Namespace, extra: dict | None = None) -> Params:
 
 
 def _prepared(params: Params):
-    from plantml.data import DatasetSummary, read_manifest
+    """The shard index and dataset summary that ``plantml prepare`` wrote."""
+    from plantml.data import DataError, DatasetSummary
     from plantml.pipeline import repo_path
+    from plantml.shards import load_index
+    from plantml.storage import StorageError
 
     folder = repo_path(params.data.prepared_dir)
-    rows = read_manifest(folder / "manifest.csv")
-    summary = DatasetSummary(**json.loads((folder / "summary.json").read_text()))
-    return rows, summary
+    try:
+        index = load_index(str(folder))
+        summary = DatasetSummary(**json.loads((folder / "summary.json").read_text()))
+    except (StorageError, OSError) as exc:
+        raise DataError(f"no prepared data in {folder} (run `plantml prepare` first): {exc}") from exc
+    return index, summary
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from plantml.pipeline import prepare
 
     params = _load(args, {"data.data_dir": args.data_dir} if args.data_dir else None)
-    _, summary, manifest = prepare(params, progress=not args.quiet)
-    print(json.dumps({"manifest": str(manifest), "n_images": summary.n_images, "classes": len(summary.classes),
-                      "skipped": summary.n_skipped, "is_demo": summary.is_demo}))
+    summary, index = prepare(params, progress=not args.quiet)
+    print(json.dumps({"shards": index.root, "n_images": summary.n_images, "classes": len(summary.classes),
+                      "skipped": summary.n_skipped, "is_demo": summary.is_demo,
+                      "splits": {s: index.count(s) for s in index.splits}}))
     return 0
 
 
@@ -62,11 +69,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from plantml.pipeline import repo_path, train_branch
 
     params = _load(args)
-    rows, summary = _prepared(params)
+    index, _ = _prepared(params)
     names = [args.model] if args.model else list(params.train.models)
     for name in names:
-        result = train_branch(params, name, rows, summary.classes, repo_path(params.train.out_dir) / name,
-                              parallel_branches=1, progress=not args.quiet)
+        out = repo_path(params.train.out_dir) / name
+        # A checkpoint after every epoch: an interrupted `plantml train` continues where it stopped.
+        result = train_branch(params, name, index, out, parallel_branches=1, progress=not args.quiet,
+                              checkpoint_uri=str(out / "last_epoch.pt"))
         print(json.dumps({"model": name, "best_epoch": result.best_epoch, "val_macro_f1": result.best_val_macro_f1,
                           "checkpoint": result.checkpoint_path}))
     return 0
@@ -89,9 +98,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from plantml.pipeline import enforce_quality_gates, evaluate_models
 
     params = _load(args)
-    rows, summary = _prepared(params)
+    index, summary = _prepared(params)
     results, checkpoints = _train_outputs(params)
-    report = evaluate_models(params, results, checkpoints, rows, params.evaluate.out_dir, is_demo=summary.is_demo,
+    report = evaluate_models(params, results, checkpoints, index, params.evaluate.out_dir, is_demo=summary.is_demo,
                              progress=not args.quiet)
     champ = report["models"][report["champion"]]
     print(json.dumps({"champion": report["champion"], "reason": report["champion_reason"],
@@ -105,7 +114,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from plantml.pipeline import export_champion, repo_path
 
     params = _load(args)
-    rows, summary = _prepared(params)
+    index, summary = _prepared(params)
     results, checkpoints = _train_outputs(params)
     report_path = repo_path(params.evaluate.out_dir) / "report.json"
     if not report_path.is_file():
@@ -115,7 +124,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     lineage = {"metaflow_run_id": None, "mlflow_run_id": None, "data_manifest_sha256": summary.manifest_sha256,
                "data_root": summary.root, "git_commit": git_commit(), "produced_by": "plantml export"}
     staging = Path(args.out).resolve().parent / f".staging-{os.getpid()}" if args.out else None
-    path, metadata = export_champion(params, report, results[name], checkpoints[name], rows, lineage,
+    path, metadata = export_champion(params, report, results[name], checkpoints[name], index, lineage,
                                      out_root=staging, progress=not args.quiet)
     if args.out:
         path = _replace_dir(path, Path(args.out).resolve())

@@ -38,8 +38,11 @@ class DataParams:
     seed: int = 42
     max_images_per_class: int | None = None
     prepared_dir: str = "artifacts/prepared"
+    samples_per_shard: int = 1000
 
     def validate(self) -> None:
+        if self.samples_per_shard < 1:
+            raise ParamsError(f"data.samples_per_shard must be >= 1, got {self.samples_per_shard}")
         if len(self.split) != 3 or any(f < 0 for f in self.split) or abs(sum(self.split) - 1) > 1e-6:
             raise ParamsError(f"data.split must be three non-negative fractions summing to 1, got {list(self.split)}")
         if self.demo_classes < 2:
@@ -57,6 +60,18 @@ class ModelParams:
 
 
 @dataclass(frozen=True)
+class DistributedParams:
+    world_size: int = 1
+    backend: str = "auto"
+
+    def validate(self) -> None:
+        if self.world_size < 1:
+            raise ParamsError(f"train.distributed.world_size must be >= 1, got {self.world_size}")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ParamsError(f"train.distributed.backend must be auto, gloo or nccl, got {self.backend!r}")
+
+
+@dataclass(frozen=True)
 class TrainParams:
     image_size: int = 160
     batch_size: int = 32
@@ -67,8 +82,11 @@ class TrainParams:
     warmup_epochs: int = 1
     device: str = "auto"
     num_threads: int = 0
+    loader_workers: int = -1
+    shuffle_buffer: int = 512
     seed: int = 42
     out_dir: str = "artifacts/train"
+    distributed: DistributedParams = field(default_factory=DistributedParams)
     models: dict[str, ModelParams] = field(
         default_factory=lambda: {"cnn": ModelParams(), "vit": ModelParams(arch="hybrid_vit_tiny")}
     )
@@ -84,6 +102,10 @@ class TrainParams:
             raise ParamsError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
         if not self.models:
             raise ParamsError("train.models must name at least one model")
+        if self.loader_workers < -1:
+            raise ParamsError(f"train.loader_workers must be -1 (automatic) or >= 0, got {self.loader_workers}")
+        if self.shuffle_buffer < 0:
+            raise ParamsError(f"train.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
 
 
 @dataclass(frozen=True)
@@ -134,6 +156,7 @@ class Int8Params:
     enabled: bool = True
     calibration_images: int = 300
     max_accuracy_drop: float = 0.01
+    max_eval_images: int = 1000
 
 
 @dataclass(frozen=True)
@@ -142,6 +165,7 @@ class ExportParams:
     name: str = "plantml-leaf-classifier"
     opset: int = 18
     parity_tolerance: float = 1e-4
+    max_reference_images: int = 2000
     int8: Int8Params = field(default_factory=Int8Params)
 
 
@@ -160,6 +184,33 @@ class DriftParams:
 
 
 @dataclass(frozen=True)
+class StepResources:
+    """What one flow step asks of a cluster (Metaflow ``@resources``; ignored when local)."""
+
+    cpu: int = 2
+    memory: int = 4000   # MB
+    gpu: int = 0
+    disk: int = 10240    # MB (Kubernetes ephemeral storage)
+
+    def decorator_kwargs(self) -> dict[str, int]:
+        """Arguments for Metaflow's ``@resources`` (no ``gpu`` key when none is wanted)."""
+        kwargs = {"cpu": self.cpu, "memory": self.memory, "disk": self.disk}
+        return {**kwargs, "gpu": self.gpu} if self.gpu else kwargs
+
+    def validate(self) -> None:
+        if self.cpu < 1 or self.memory < 256 or self.gpu < 0 or self.disk < 1024:
+            raise ParamsError(f"resources: cpu >= 1, memory >= 256 MB, gpu >= 0, disk >= 1024 MB; got {self}")
+
+
+@dataclass(frozen=True)
+class ResourcesParams:
+    prepare: StepResources = field(default_factory=lambda: StepResources(cpu=4, memory=4000, disk=20480))
+    train: StepResources = field(default_factory=lambda: StepResources(cpu=4, memory=8000))
+    evaluate: StepResources = field(default_factory=lambda: StepResources(cpu=4, memory=6000))
+    export: StepResources = field(default_factory=lambda: StepResources(cpu=2, memory=4000))
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     train: TrainParams = field(default_factory=TrainParams)
@@ -169,6 +220,7 @@ class Params:
     export: ExportParams = field(default_factory=ExportParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
     drift: DriftParams = field(default_factory=DriftParams)
+    resources: ResourcesParams = field(default_factory=ResourcesParams)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable view (stored with runs and bundles)."""

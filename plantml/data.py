@@ -20,11 +20,16 @@ Torch-free (albumentations and numpy only).
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
+import io
 import json
 import logging
 import os
+import tempfile
+import threading
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -32,7 +37,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from plantml.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, load_image, resize_center_crop
+from plantml import shards as sh
+from plantml import storage
+from plantml.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, resize_center_crop
+from plantml.resources import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +48,7 @@ SPLITS = ("train", "val", "test")
 _PRESPLIT_TRAIN = ("train", "training")
 _PRESPLIT_HELDOUT = ("valid", "val", "validation", "test")
 MIN_IMAGES_PER_CLASS = 3
-MANIFEST_COLUMNS = ("path", "label", "split", "sha256", "width", "height")
+MANIFEST_COLUMNS = ("path", "label", "split", "sha256", "width", "height", "key")
 
 
 class DataError(ValueError):
@@ -55,6 +63,7 @@ class ManifestRow:
     sha256: str
     width: int
     height: int
+    key: str = ""  # the sample's key in the shards ("" until the shards are written)
 
 
 @dataclass
@@ -85,12 +94,12 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 
 def detect_layout(root: Path) -> tuple[str, dict[str, Path]]:
-    """Find the class folders under ``root``.
+    """Find the class folders under a local ``root``.
 
     Returns:
         ``(layout, {source: folder})`` where layout is ``flat``, ``color`` or ``presplit``
         and each folder holds class sub-folders. For ``presplit`` the sources are
-        ``train`` and ``heldout``.
+        ``train`` and ``heldout<i>``.
 
     Raises:
         DataError: if ``root`` is missing or is not a folder.
@@ -99,22 +108,72 @@ def detect_layout(root: Path) -> tuple[str, dict[str, Path]]:
         raise DataError(f"data directory not found: {root}")
     if not root.is_dir():
         raise DataError(f"data directory is not a folder: {root}")
-    names = {p.name.lower(): p for p in _class_dirs(root)}
-    if "color" in names and _class_dirs(names["color"]):
-        return "color", {"all": names["color"]}
-    train = next((names[n] for n in _PRESPLIT_TRAIN if n in names), None)
-    held = [names[n] for n in _PRESPLIT_HELDOUT if n in names]
+    layout, prefixes = layout_of(f"{d.name}/{c.name}/x" for d in _class_dirs(root) for c in _class_dirs(d)[:1])
+    return layout, {source: root / prefix for source, prefix in prefixes.items()}
+
+
+def layout_of(rel_paths: Iterable[str]) -> tuple[str, dict[str, str]]:
+    """The layout of a dataset from its files' paths relative to the root.
+
+    Returns:
+        ``(layout, {source: prefix})``: each prefix (``""`` for the root itself) holds
+        ``<Class>/...`` files.
+    """
+    top: dict[str, str] = {}
+    for rel in rel_paths:
+        parts = rel.split("/")
+        if len(parts) >= 3:  # <folder>/<Class>/<file>: the folder may be a layout marker
+            top.setdefault(parts[0].lower(), parts[0])
+    if "color" in top:
+        return "color", {"all": top["color"]}
+    train = next((top[n] for n in _PRESPLIT_TRAIN if n in top), None)
+    held = [top[n] for n in _PRESPLIT_HELDOUT if n in top]
     if train is not None and held:
         return "presplit", {"train": train, **{f"heldout{i}": h for i, h in enumerate(held)}}
-    return "flat", {"all": root}
+    return "flat", {"all": ""}
 
 
-def _iter_files(class_dir: Path) -> Iterable[Path]:
-    for dirpath, dirnames, filenames in os.walk(class_dir):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield Path(dirpath) / name
+def list_candidates(root: str) -> tuple[str, list[tuple[str, str, str]], set[str]]:
+    """Every candidate file of a local folder or ``s3://`` prefix.
+
+    Returns:
+        ``(layout, [(source, class, path relative to root)], class names)``. Local class
+        folders with no files at all still count as class names (reported as empty).
+
+    Raises:
+        DataError: a missing folder, a file given as the root, or an empty S3 prefix.
+    """
+    if storage.is_s3(root):
+        files = [rel for rel, _ in storage.list_files(root)]
+        if not files:
+            raise DataError(f"data directory not found: no files under {root}")
+        local_dirs: set[str] = set()
+    else:
+        path = Path(root)
+        if not path.exists():
+            raise DataError(f"data directory not found: {root}")
+        if not path.is_dir():
+            raise DataError(f"data directory is not a folder: {root}")
+        files = [rel for rel, _ in storage.list_files(path)]
+        local_dirs = {p.name for p in _class_dirs(path)}
+    layout, prefixes = layout_of(files)
+    candidates: list[tuple[str, str, str]] = []
+    class_names: set[str] = set()
+    for source, prefix in prefixes.items():
+        lead = f"{prefix}/" if prefix else ""
+        if not prefix:
+            class_names |= local_dirs
+        elif not storage.is_s3(root) and (Path(root) / prefix).is_dir():
+            class_names |= {p.name for p in _class_dirs(Path(root) / prefix)}
+        for rel in files:
+            if not rel.startswith(lead):
+                continue
+            parts = rel[len(lead):].split("/")
+            if len(parts) < 2:  # a file beside the class folders, not in one
+                continue
+            class_names.add(parts[0])
+            candidates.append((source, parts[0], rel))
+    return layout, candidates, class_names
 
 
 # --------------------------------------------------------------------------- scanning
@@ -124,49 +183,107 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+class PixelStaging:
+    """Scratch space for ``prepare``: each image's resized pixels and original bytes, by slot.
+
+    The scan decodes every image exactly once and parks the result here (a sparse file of
+    fixed-size pixel records plus an append-only blob of originals) until the split is
+    known; the shard writer then reads it back in split order. Plain ``pread``/``pwrite``,
+    not ``mmap``: file pages then stay in the page cache instead of counting as the
+    process's resident memory.
+    """
+
+    def __init__(self, size: int, keep_originals: bool = True) -> None:
+        self.size = int(size)
+        self.record = self.size * self.size * 3
+        self._dir = tempfile.TemporaryDirectory(prefix="plantml-staging-")
+        self._pixels = os.open(Path(self._dir.name) / "pixels.u8", os.O_RDWR | os.O_CREAT, 0o600)
+        self._blob = open(Path(self._dir.name) / "originals.bin", "a+b") if keep_originals else None
+        self._where: dict[int, tuple[int, int]] = {}
+        self.slot_of: dict[str, int] = {}  # manifest path -> slot, filled by prepare_dataset
+        self._lock = threading.Lock()
+
+    def put(self, slot: int, pixels: np.ndarray, original: bytes | None) -> None:
+        os.pwrite(self._pixels, np.ascontiguousarray(pixels, dtype=np.uint8).tobytes(), slot * self.record)
+        if self._blob is not None and original is not None:
+            with self._lock:
+                self._blob.seek(0, os.SEEK_END)
+                offset = self._blob.tell()
+                self._blob.write(original)
+                self._where[slot] = (offset, len(original))
+
+    def get(self, slot: int, with_original: bool = True) -> tuple[np.ndarray, bytes | None]:
+        raw = os.pread(self._pixels, self.record, slot * self.record)
+        pixels = np.frombuffer(raw, dtype=np.uint8).reshape(self.size, self.size, 3)
+        original = None
+        if with_original and self._blob is not None and slot in self._where:
+            offset, length = self._where[slot]
+            self._blob.flush()
+            original = os.pread(self._blob.fileno(), length, offset)
+        return pixels, original
+
+    def close(self) -> None:
+        os.close(self._pixels)
+        if self._blob is not None:
+            self._blob.close()
+        self._dir.cleanup()
+
+
+def _decode_one(root: str, rel: str, size: int | None) -> tuple[dict[str, Any] | None, str | None, Any]:
+    """Read and decode one candidate: ``(item, None, (pixels, bytes))`` or ``(None, reason, None)``."""
+    uri = storage.join(root, rel)
+    if Path(rel).suffix.lower() not in IMAGE_EXTENSIONS:
+        return None, f"not an image file (extension {Path(rel).suffix or 'none'})", None
+    try:
+        data = storage.read_bytes(uri)
+        img = decode_image(data)
+        w, h = img.size
+        pixels = resize_center_crop(img, size) if size else None
+    except ImageDecodeError as exc:
+        return None, str(exc), None
+    except OSError as exc:
+        return None, f"unreadable: {exc}", None
+    return {"sha256": _sha256_bytes(data), "width": w, "height": h}, None, (pixels, data)
+
+
 def scan_images(
-    sources: dict[str, Path], max_per_class: int | None = None, progress: bool = True
-) -> tuple[list[dict[str, Any]], list[dict[str, str]], list[str]]:
+    root: str, candidates: Sequence[tuple[str, str, str]], max_per_class: int | None = None,
+    progress: bool = True, staging: PixelStaging | None = None, threads: int | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Decode every candidate file once; keep the readable ones.
 
+    Decoding runs on a thread pool (Pillow releases the GIL while decoding and resizing,
+    and S3 reads wait on the network). With ``staging``, each image's resized pixels and
+    original bytes are parked there under the item's ``slot``.
+
     Returns:
-        ``(items, skipped, empty_classes)``: items have path, label, source, sha256,
-        width, height; skipped have path and reason; empty_classes lists class folders
-        with no readable image.
+        ``(items, skipped)``: items have path (relative to the root), label, source,
+        sha256, width, height and slot; skipped have path and reason.
     """
-    candidates: list[tuple[str, str, Path]] = []
-    class_names: set[str] = set()
-    for source, folder in sources.items():
-        for class_dir in _class_dirs(folder):
-            class_names.add(class_dir.name)
-            files = list(_iter_files(class_dir))
-            for f in files:
-                candidates.append((source, class_dir.name, f))
+    chosen: list[tuple[str, str, str]] = []
+    per_class: Counter[str] = Counter()
+    for cand in candidates:
+        if max_per_class is not None and per_class[cand[1]] >= max_per_class:
+            continue
+        if Path(cand[2]).suffix.lower() in IMAGE_EXTENSIONS:
+            per_class[cand[1]] += 1
+        chosen.append(cand)
+    size = staging.size if staging is not None else None
+    workers = threads or (16 if storage.is_s3(root) else max(2, 2 * available_cores()))
     items: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    per_class: Counter[str] = Counter()
-    for source, label, path in tqdm(candidates, desc="scan images", unit="img", disable=not progress, mininterval=2):
-        if max_per_class is not None and per_class[label] >= max_per_class:
-            continue
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            skipped.append({"path": str(path), "reason": f"not an image file (extension {path.suffix or 'none'})"})
-            continue
-        try:
-            data = path.read_bytes()
-            img = decode_image(data)
-        except ImageDecodeError as exc:
-            skipped.append({"path": str(path), "reason": str(exc)})
-            continue
-        except OSError as exc:
-            skipped.append({"path": str(path), "reason": f"unreadable: {exc}"})
-            continue
-        per_class[label] += 1
-        items.append({
-            "path": str(path.resolve()), "label": label, "source": source,
-            "sha256": _sha256_bytes(data), "width": img.size[0], "height": img.size[1],
-        })
-    empty = sorted(c for c in class_names if per_class[c] == 0)
-    return items, skipped, empty
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(lambda c: _decode_one(root, c[2], size), chosen)
+        for slot, ((source, label, rel), (item, reason, payload)) in enumerate(
+                tqdm(zip(chosen, results), total=len(chosen), desc="scan images", unit="img",
+                     disable=not progress, mininterval=2)):
+            if item is None:
+                skipped.append({"path": rel, "reason": str(reason)})
+                continue
+            if staging is not None:
+                staging.put(slot, payload[0], payload[1])
+            items.append({"path": rel, "label": label, "source": source, "slot": slot, **item})
+    return items, skipped
 
 
 # --------------------------------------------------------------------------- splitting
@@ -243,23 +360,39 @@ def write_manifest(rows: Sequence[ManifestRow], path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(MANIFEST_COLUMNS)
-        for r in rows:
-            writer.writerow([r.path, r.label, r.split, r.sha256, r.width, r.height])
+        _write_rows(fh, rows)
     os.replace(tmp, path)
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_rows(fh: Any, rows: Sequence[ManifestRow]) -> None:
+    writer = csv.writer(fh)
+    writer.writerow(MANIFEST_COLUMNS)
+    for r in rows:
+        writer.writerow([r.path, r.label, r.split, r.sha256, r.width, r.height, r.key])
+
+
+def manifest_bytes(rows: Sequence[ManifestRow]) -> bytes:
+    """The manifest CSV as bytes (for the shard store)."""
+    buf = io.StringIO(newline="")
+    _write_rows(buf, rows)
+    return buf.getvalue().encode()
 
 
 def read_manifest(path: Path) -> list[ManifestRow]:
     """Read a manifest CSV written by :func:`write_manifest`."""
     if not Path(path).is_file():
         raise DataError(f"manifest not found: {path} (run `plantml prepare` first)")
-    with open(path, newline="") as fh:
-        return [
-            ManifestRow(r["path"], r["label"], r["split"], r["sha256"], int(r["width"]), int(r["height"]))
-            for r in csv.DictReader(fh)
-        ]
+    return read_manifest_bytes(Path(path).read_bytes())
+
+
+def read_manifest_bytes(data: bytes) -> list[ManifestRow]:
+    """Parse manifest CSV bytes (as stored beside the shards)."""
+    return [
+        ManifestRow(r["path"], r["label"], r["split"], r["sha256"], int(r["width"]), int(r["height"]),
+                    r.get("key") or "")
+        for r in csv.DictReader(io.StringIO(data.decode()))
+    ]
 
 
 def manifest_digest(rows: Sequence[ManifestRow]) -> str:
@@ -280,19 +413,27 @@ def prepare_dataset(
     max_per_class: int | None = None,
     is_demo: bool = False,
     progress: bool = True,
+    staging: PixelStaging | None = None,
 ) -> tuple[list[ManifestRow], DatasetSummary]:
-    """Scan ``root``, skip unreadable files, split, and summarise.
+    """Scan ``root`` (a local folder or an ``s3://`` prefix), skip unreadable files, split, and summarise.
+
+    Args:
+        staging: when given, every readable image's resized pixels and original bytes
+            are parked there (see :func:`write_shards`), so each image is decoded once.
 
     Raises:
         DataError: missing folder, fewer than two usable classes, or a class too small
             to split — each with a one-line message naming the problem.
     """
-    root = Path(root).expanduser()
-    layout, sources = detect_layout(root)
-    items, skipped, empty = scan_images(sources, max_per_class=max_per_class, progress=progress)
+    root = str(root) if storage.is_s3(root) else str(Path(root).expanduser().resolve())
+    layout, candidates, class_names = list_candidates(root)
+    items, skipped = scan_images(root, candidates, max_per_class=max_per_class, progress=progress, staging=staging)
+    if staging is not None:
+        staging.slot_of = {it["path"]: it["slot"] for it in items}
+    classes = sorted({it["label"] for it in items})
+    empty = sorted(class_names - set(classes))
     for c in empty:
         log.warning("class folder %r has no readable images: skipped", c)
-    classes = sorted({it["label"] for it in items})
     if len(classes) < 2:
         found = f"{len(classes)} usable class folder{'s' if len(classes) != 1 else ''}"
         raise DataError(
@@ -315,7 +456,7 @@ def prepare_dataset(
         log.warning("skipped %d unreadable or non-image file(s), e.g. %s: %s",
                     len(skipped), skipped[0]["path"], skipped[0]["reason"])
     summary = DatasetSummary(
-        root=str(root.resolve()), layout=layout, classes=classes, counts=split_counts, n_images=len(rows),
+        root=root, layout=layout, classes=classes, counts=split_counts, n_images=len(rows),
         n_skipped=len(skipped), skipped=skipped[:200], skipped_empty_classes=empty, n_duplicate_files=n_dupes,
         manifest_sha256=manifest_digest(rows), is_demo=is_demo,
     )
@@ -333,32 +474,50 @@ def save_prepared(rows: Sequence[ManifestRow], summary: DatasetSummary, out_dir:
     return manifest
 
 
-# --------------------------------------------------------------------------- loading
+# --------------------------------------------------------------------------- shards
 
 
-def load_images(
-    rows: Sequence[ManifestRow], classes: Sequence[str], size: int, progress: bool = True, desc: str = "load"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Decode and resize (shorter side + centre crop) rows into memory.
+def write_shards(rows: Sequence[ManifestRow], summary: DatasetSummary, staging: PixelStaging,
+                 store: str | os.PathLike[str], samples_per_shard: int = 1000, seed: int = 42,
+                 progress: bool = True) -> tuple[list[ManifestRow], sh.ShardIndex]:
+    """Write the split as WebDataset shards into ``store`` from the staged pixels.
 
-    Holding the split as ``uint8`` arrays (a 1,000-image set at 160 px is 77 MB) makes
-    each CPU epoch cost only augmentation and the forward/backward pass, not JPEG
-    decoding.
+    The training split is written in a seeded random order (a streaming shuffle buffer
+    then mixes classes at once); validation and test keep manifest order and carry the
+    original files. The manifest (with each row's shard key) and the index are written
+    last.
 
     Returns:
-        ``(images uint8 [N,H,W,3], labels int64 [N])``.
+        ``(rows with their keys, the shard index)``.
     """
-    index = {c: i for i, c in enumerate(classes)}
-    x = np.empty((len(rows), size, size, 3), dtype=np.uint8)
-    y = np.empty(len(rows), dtype=np.int64)
-    for i, r in enumerate(tqdm(rows, desc=desc, unit="img", disable=not progress, mininterval=2)):
-        x[i] = resize_center_crop(load_image(r.path), size)
-        y[i] = index[r.label]
-    return x, y
+    index_of = {c: i for i, c in enumerate(summary.classes)}
+    writer = sh.ShardSetWriter(store, summary.classes, staging.size, samples_per_shard)
+    keyed: list[ManifestRow] = []
+    for split in SPLITS:
+        members = rows_for(rows, split)
+        if split == "train":
+            members = [members[i] for i in np.random.default_rng(seed).permutation(len(members))]
+        for i, r in enumerate(tqdm(members, desc=f"write {split} shards", unit="img", disable=not progress,
+                                   mininterval=2)):
+            key = f"{split}{i:07d}"
+            pixels, original = staging.get(staging.slot_of[r.path], with_original=split in writer.originals)
+            writer.write(split, key, pixels, index_of[r.label], {"label": r.label, "path": r.path, "sha256": r.sha256},
+                         original=original, original_ext=Path(r.path).suffix)
+            keyed.append(ManifestRow(r.path, r.label, r.split, r.sha256, r.width, r.height, key))
+    keyed.sort(key=lambda r: (r.label, r.split, r.path))
+    index = writer.close(manifest_bytes(keyed), summary.manifest_sha256)
+    log.info("wrote %s shards to %s", {s: len(v.shards) for s, v in index.splits.items()}, store)
+    return keyed, index
 
 
 def rows_for(rows: Sequence[ManifestRow], split: str) -> list[ManifestRow]:
+    """The rows of one split, in manifest order."""
     return [r for r in rows if r.split == split]
+
+
+def augmentation_factory(size: int) -> Any:
+    """``seed -> train_augmentation(size, seed)``, picklable for loader worker processes."""
+    return functools.partial(train_augmentation, size)
 
 
 def train_augmentation(size: int, seed: int | None = None) -> Any:

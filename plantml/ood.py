@@ -33,6 +33,7 @@ confidence is below the confidence threshold.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -78,24 +79,33 @@ class FeatureDetector:
     def components(self) -> int:
         return int(self.basis.shape[1])
 
-    def score(self, features: np.ndarray) -> np.ndarray:
+    def score(self, features: np.ndarray, chunk_elements: int = 4_000_000) -> np.ndarray:
         """RMS Mahalanobis distance of each feature vector to its nearest class mean.
 
         Args:
             features: ``(N, D)`` penultimate features.
+            chunk_elements: bound on the temporary residual array (float64 elements, 32 MB).
 
         Returns:
             ``(N,)`` float64 scores (higher = less like the training data).
         """
-        f = np.asarray(features, dtype=np.float64)
+        f = np.asarray(features)
         if f.ndim != 2 or f.shape[1] != self.dim:
             raise ValueError(f"features must have shape (N, {self.dim}), got {f.shape}")
+        # Chunks keep the (chunk, C, D) residual small: for N = 10,000 test images, 38
+        # classes and D = 1280 the whole array would be 3.9 GB in float64.
+        step = max(1, chunk_elements // max(1, self.means.shape[0] * self.dim))
+        out = [self._score_chunk(f[i:i + step]) for i in range(0, len(f), step)]
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float64)
+
+    def _score_chunk(self, features: np.ndarray) -> np.ndarray:
+        f = np.asarray(features, dtype=np.float64)
         # d2[n, c] = sum_k (r.v_k)^2 / var_k + (|r|^2 - sum_k (r.v_k)^2) / rest, r = f_n - mu_c
         # (orthonormal v_k). The residual is formed explicitly: expanding
         # |f|^2 - 2 f.mu + |mu|^2 instead cancels catastrophically in float32. The same
         # algebra as the torch head in plantml.models.scored, so the two agree.
-        resid = f[:, None, :] - self.means[None, :, :].astype(np.float64)      # (N, C, D)
-        proj_sq = (resid @ self.basis.astype(np.float64)) ** 2                  # (N, C, K)
+        resid = f[:, None, :] - self.means[None, :, :].astype(np.float64)      # (n, C, D)
+        proj_sq = (resid @ self.basis.astype(np.float64)) ** 2                  # (n, C, K)
         in_span = (proj_sq / self.variances).sum(-1)
         rest = np.maximum((resid ** 2).sum(-1) - proj_sq.sum(-1), 0.0) / self.rest_variance
         return np.sqrt(np.maximum((in_span + rest).min(1), 0.0) / self.dim)
@@ -108,6 +118,12 @@ class FeatureDetector:
             "n_fit": np.array(self.n_fit),
         }
 
+    def to_bytes(self) -> bytes:
+        """The detector as ``.npz`` bytes (to publish in the run's store)."""
+        buf = io.BytesIO()
+        np.savez(buf, **self.to_arrays())
+        return buf.getvalue()
+
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the detector to an ``.npz`` file atomically."""
         path = Path(path)
@@ -118,14 +134,14 @@ class FeatureDetector:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "FeatureDetector":
-        """Read a detector written by :meth:`save`.
+    def load(cls, path: str | os.PathLike[str] | Any) -> "FeatureDetector":
+        """Read a detector written by :meth:`save` (a path or a binary file object).
 
         Raises:
             FileNotFoundError: no such file.
             ValueError: the file lacks a field.
         """
-        with np.load(Path(path)) as z:
+        with np.load(path if hasattr(path, "read") else Path(path)) as z:
             missing = {"means", "basis", "variances", "rest_variance", "shrinkage", "n_fit"} - set(z.files)
             if missing:
                 raise ValueError(f"{path}: not an OOD detector file (missing {', '.join(sorted(missing))})")

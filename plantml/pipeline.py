@@ -11,14 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from plantml import shards as sh
+from plantml import storage
 from plantml.config import Params
-from plantml.data import DatasetSummary, ManifestRow, load_images, prepare_dataset, rows_for, save_prepared
-from plantml.preprocess import InputSpec, load_image, preprocess_batch, softmax
+from plantml.data import (DatasetSummary, ManifestRow, PixelStaging, prepare_dataset, read_manifest_bytes, rows_for,
+                          save_prepared, write_shards)
+from plantml.preprocess import InputSpec, decode_image, preprocess_batch, softmax
+from plantml.resources import available_cores, resolve_loader_workers, resolve_threads
 
 log = logging.getLogger(__name__)
 
@@ -34,51 +39,82 @@ def repo_path(p: str | os.PathLike[str]) -> Path:
 # --------------------------------------------------------------------------- prepare
 
 
-def resolve_data_root(params: Params) -> tuple[Path, bool]:
-    """The dataset folder and whether it is the generated demo set."""
+def resolve_data_root(params: Params) -> tuple[str, bool]:
+    """The dataset folder or ``s3://`` prefix, and whether it is the generated demo set."""
     if params.data.data_dir:
-        return Path(params.data.data_dir).expanduser().resolve(), False
+        if storage.is_s3(params.data.data_dir):
+            return params.data.data_dir, False
+        return str(Path(params.data.data_dir).expanduser().resolve()), False
     from plantml.demo_data import ensure_demo_dataset
 
     d = params.data
     root = ensure_demo_dataset(repo_path(d.demo_dir), d.demo_classes, d.demo_images_per_class, d.demo_image_size,
                                d.seed)
-    return root, True
+    return str(root), True
 
 
-def prepare(params: Params, out_dir: str | os.PathLike[str] | None = None,
-            progress: bool = True) -> tuple[list[ManifestRow], DatasetSummary, Path]:
-    """Find and check the data, split it, and write ``manifest.csv`` + ``summary.json``.
+def prepare(params: Params, store: str | None = None, out_dir: str | os.PathLike[str] | None = None,
+            progress: bool = True) -> tuple[DatasetSummary, sh.ShardIndex]:
+    """Find and check the data, split it, decode it once into shards in ``store``.
+
+    Args:
+        store: where the shards go (a folder or ``s3://`` prefix every later step can
+            reach); default: ``data.prepared_dir``.
+        out_dir: local copy of ``manifest.csv`` + ``summary.json`` (default
+            ``data.prepared_dir``; for DVC and people).
 
     Returns:
-        ``(rows, summary, manifest_path)``.
+        ``(summary, shard index)``.
     """
     root, is_demo = resolve_data_root(params)
     if is_demo:
         log.warning("no data.data_dir given: using the SYNTHETIC DEMO dataset in %s (not real leaves)", root)
-    rows, summary = prepare_dataset(root, params.data.split, params.data.seed, params.data.max_images_per_class,
-                                    is_demo=is_demo, progress=progress)
+    store = store or str(repo_path(params.data.prepared_dir))
+    staging = PixelStaging(params.train.image_size)
+    try:
+        rows, summary = prepare_dataset(root, params.data.split, params.data.seed, params.data.max_images_per_class,
+                                        is_demo=is_demo, progress=progress, staging=staging)
+        rows, index = write_shards(rows, summary, staging, store, params.data.samples_per_shard, params.data.seed,
+                                   progress)
+    finally:
+        staging.close()
     manifest = save_prepared(rows, summary, repo_path(out_dir or params.data.prepared_dir))
-    log.info("prepared %d images in %d classes (%d skipped) -> %s", summary.n_images, len(summary.classes),
-             summary.n_skipped, manifest)
-    return rows, summary, manifest
+    log.info("prepared %d images in %d classes (%d skipped) -> %s (shards: %s)", summary.n_images,
+             len(summary.classes), summary.n_skipped, manifest, store)
+    return summary, index
 
 
 # --------------------------------------------------------------------------- train
 
 
-def train_branch(params: Params, name: str, rows: Sequence[ManifestRow], classes: Sequence[str],
-                 out_dir: str | os.PathLike[str], parallel_branches: int = 1, progress: bool = True) -> Any:
-    """Load the train/val splits and train model ``name`` (a key of ``train.models``)."""
-    from plantml.training import resolve_threads, train_model
+def train_branch(params: Params, name: str, index: sh.ShardIndex, out_dir: str | os.PathLike[str],
+                 parallel_branches: int = 1, progress: bool = True, checkpoint_uri: str | None = None,
+                 resume_uris: Sequence[str] = (), on_epoch_end: Any = None) -> Any:
+    """Train model ``name`` (a key of ``train.models``) on the streamed shards.
+
+    Threads and loader workers follow this process's CPU quota shared among
+    ``parallel_branches``; ``train.distributed.world_size > 1`` trains data-parallel
+    (:func:`plantml.distributed.train_distributed`).
+    """
+    from plantml.training import LoaderSettings, resolve_device, train_model
 
     if name not in params.train.models:
         raise ValueError(f"unknown model {name!r}: train.models has {', '.join(params.train.models)}")
-    size = params.train.image_size
-    threads = resolve_threads(params.train.num_threads, parallel_branches)
-    train = load_images(rows_for(rows, "train"), classes, size, progress, desc=f"load train ({name})")
-    val = load_images(rows_for(rows, "val"), classes, size, progress, desc=f"load val ({name})")
-    return train_model(name, params.train.models[name], params.train, train, val, classes, out_dir, threads, progress)
+    t = params.train
+    share = max(1, available_cores() // max(1, parallel_branches))
+    threads = resolve_threads(t.num_threads, parallel_branches)
+    device = resolve_device(t.device)
+    loader = LoaderSettings(workers=resolve_loader_workers(t.loader_workers, share, device),
+                            shuffle_buffer=t.shuffle_buffer)
+    kwargs = dict(out_dir=out_dir, progress=progress, loader=loader, checkpoint_uri=checkpoint_uri,
+                  resume_uris=resume_uris, on_epoch_end=on_epoch_end)
+    if t.distributed.world_size > 1:
+        from plantml.distributed import train_distributed
+
+        return train_distributed(name, t.models[name], t, index, threads=max(1, threads // t.distributed.world_size)
+                                 if device == "cpu" else threads, backend=t.distributed.backend,
+                                 world_size=t.distributed.world_size, **kwargs)
+    return train_model(name, t.models[name], t, index, threads=threads, **kwargs)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -112,16 +148,119 @@ def _stratified_subset(rows: Sequence[ManifestRow], limit: int, seed: int) -> li
     return picked
 
 
+def load_manifest(index: sh.ShardIndex) -> list[ManifestRow]:
+    """The manifest stored beside the shards."""
+    return read_manifest_bytes(storage.read_bytes(storage.join(index.root, sh.MANIFEST_FILE)))
+
+
+def subset_samples(index: sh.ShardIndex, split: str, limit: int, seed: int,
+                   rows: Sequence[ManifestRow] | None = None, with_originals: bool = False) -> list[sh.Sample]:
+    """At most ``limit`` samples of ``split``, stratified by class, in one streaming pass.
+
+    The training split is stored in random order, so its first ``limit`` samples are a
+    uniform random sample and only the first shards are read; validation and test are
+    stored by class, so their subset is chosen per class from the manifest.
+    """
+    if split == "train":
+        out: list[sh.Sample] = []
+        for s in sh.iter_split(index, split, with_originals=with_originals):
+            if len(out) >= limit:
+                break
+            out.append(s)
+        return out
+    rows = rows if rows is not None else load_manifest(index)
+    keys = {r.key for r in _stratified_subset(rows_for(rows, split), limit, seed)}
+    return sh.select_keys(index, split, keys, with_originals=with_originals)
+
+
+def shrink_original(data: bytes, size: int) -> Any:
+    """An original photo decoded and shrunk so its shorter side is at most ``2 * size``.
+
+    The corruption sweep and the background baseline work on this: field photos can be
+    12 MP, and a few hundred of them at full size would not fit in a bounded step.
+    """
+    from PIL import Image
+
+    img = decode_image(data)
+    scale = 2 * size / min(img.size)
+    if scale < 1:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+    return img
+
+
+@dataclass
+class SplitScores:
+    """One model's pass over a split: everything later stages need, nothing per-pixel."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    ood_scores: np.ndarray | None
+
+
+def score_split(model: Any, index: sh.ShardIndex, split: str, spec: InputSpec, detector: Any = None,
+                batch_size: int = 64) -> SplitScores:
+    """Stream a split through ``model``: logits, labels and (with ``detector``) OOD scores.
+
+    Features are scored batch by batch and dropped, so memory holds ``N x classes``
+    numbers, not ``N x 1280`` features or the images.
+    """
+    import torch
+
+    from plantml.loader import iterate_split
+    from plantml.models.scored import features_and_logits
+
+    logits, labels, scores = [], [], []
+    model = model.eval()
+    with torch.inference_mode():
+        for x, y in iterate_split(index, split, spec, batch_size):
+            feats, lg = features_and_logits(model, x)
+            logits.append(lg.float().numpy())
+            labels.append(y.numpy())
+            if detector is not None:
+                scores.append(detector.score(feats.float().numpy()))
+    n_classes = len(index.classes)
+    return SplitScores(np.concatenate(logits) if logits else np.zeros((0, n_classes), np.float32),
+                       np.concatenate(labels) if labels else np.zeros(0, np.int64),
+                       np.concatenate(scores) if detector is not None and scores else None)
+
+
+def fit_detector(params: Params, model: Any, index: sh.ShardIndex, spec: InputSpec) -> Any:
+    """The model's OOD detector, fitted on a random training subset (``calibration.ood_max_fit_images``)."""
+    import torch
+
+    from plantml import ood
+    from plantml.loader import to_model_input
+    from plantml.models.scored import features_and_logits
+
+    c = params.calibration
+    samples = subset_samples(index, "train", c.ood_max_fit_images, params.data.seed)
+    feats = []
+    model = model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(samples), 64):
+            chunk = samples[i:i + 64]
+            x = to_model_input(torch.from_numpy(np.stack([s.pixels for s in chunk])), spec)
+            feats.append(features_and_logits(model, x)[0].float().numpy())
+    labels = np.array([s.label for s in samples])
+    return ood.fit_feature_detector(np.concatenate(feats), labels, len(index.classes), c.ood_components)
+
+
 def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], checkpoints: Mapping[str, str],
-                    rows: Sequence[ManifestRow], out_dir: str | os.PathLike[str], is_demo: bool = False,
-                    progress: bool = True) -> dict[str, Any]:
+                    index: sh.ShardIndex, out_dir: str | os.PathLike[str], is_demo: bool = False,
+                    store: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Test-split metrics for every trained model, the champion, calibration and robustness.
+
+    Every pass streams the shards (:mod:`plantml.loader`); memory is bounded by the
+    per-image outputs (logits, OOD scores) and the capped subsets (OOD fit, corruption
+    sweep, background baseline), not by the size of the splits.
 
     Args:
         results: ``{name: TrainResult.to_dict()}`` of the branches that succeeded.
         checkpoints: ``{name: path to model.pt}``.
-        rows: the manifest.
-        out_dir: receives plots (PNG) and ``metrics.json``.
+        index: the prepared shards.
+        out_dir: receives plots (PNG), ``metrics.json`` and ``report.json``.
+        store: where the champion's OOD detector is published for the export step
+            (default: ``out_dir``); its URI is ``report["ood"]["detector_uri"]``.
 
     Returns:
         The evaluation report (plain dict; ``models``, ``champion``, ``champion_reason``,
@@ -132,11 +271,11 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
     import torch
 
     from plantml import calibration as cal
+    from plantml import ood
     from plantml import robustness as rob
     from plantml.evaluation import (choose_champion, classification_metrics, plot_comparison, plot_confusion_matrix,
                                     plot_roc, plot_training_curves)
-    from plantml.models.scored import extract_features
-    from plantml.training import available_cores, load_checkpoint, measure_latency_ms
+    from plantml.training import load_checkpoint, measure_latency_ms
 
     if not results:
         raise RuntimeError("no model finished training: nothing to evaluate")
@@ -145,42 +284,41 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
     (out / "plots").mkdir(parents=True, exist_ok=True)
     first = next(iter(results.values()))
     classes, size = first["classes"], first["image_size"]
-    x_test, y_test = load_images(rows_for(rows, "test"), classes, size, progress, desc="load test")
-    x_val, y_val = load_images(rows_for(rows, "val"), classes, size, progress, desc="load val")
+    c = params.calibration
 
-    report: dict[str, Any] = {"classes": classes, "is_demo": is_demo, "models": {}, "plots": {}}
+    report: dict[str, Any] = {"classes": classes, "is_demo": is_demo, "models": {}, "plots": {},
+                              "n_val": index.count("val"), "n_test": index.count("test")}
     models: dict[str, Any] = {}
-    test_logits_of: dict[str, np.ndarray] = {}
-    val_logits_of: dict[str, np.ndarray] = {}
-    features_of: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # (val, test): the champion's feed the OOD fit
+    passes: dict[str, tuple[SplitScores, SplitScores]] = {}
+    detectors: dict[str, Any] = {}
     for name, res in results.items():
         model, _ = load_checkpoint(checkpoints[name])
         models[name] = model
         spec = InputSpec(size=size, mean=tuple(res["mean"]), std=tuple(res["std"]))
-        val_features, val_logits = extract_features(model, x_val, spec)
-        test_features, test_logits = extract_features(model, x_test, spec)
-        features_of[name] = (val_features, test_features)
-        test_logits_of[name] = test_logits
-        val_logits_of[name] = val_logits
-        m = classification_metrics(y_test, softmax(test_logits), classes)
-        calib = cal.calibration_summary(val_logits, y_val, test_logits, y_test,
-                                        params.calibration.target_precision, params.calibration.min_coverage)
+        # Each model gets its own detector (fit on a capped training subset), so the
+        # validation and test passes score OOD batch by batch and keep no features.
+        detectors[name] = fit_detector(params, model, index, spec) if c.ood_enabled else None
+        val, test = (score_split(model, index, split, spec, detectors[name]) for split in ("val", "test"))
+        passes[name] = (val, test)
+        m = classification_metrics(test.labels, softmax(test.logits), classes)
+        masks = {}
+        if detectors[name] is not None:
+            threshold = ood.choose_ood_threshold(val.ood_scores, c.ood_acceptance)
+            masks = {"val_in_distribution": val.ood_scores <= threshold,
+                     "test_in_distribution": test.ood_scores <= threshold}
+        calib_conf = cal.calibration_summary(val.logits, val.labels, test.logits, test.labels, c.target_precision,
+                                             c.min_coverage)
+        calib = cal.calibration_summary(val.logits, val.labels, test.logits, test.labels, c.target_precision,
+                                        c.min_coverage, **masks) if masks else calib_conf
         m.update({
             "arch": res["arch"], "num_params": res["num_params"], "size_mb": res["num_params"] * 4 / 1e6,
             "latency_ms": measure_latency_ms(model, size, threads=1),
             "train_seconds": res["train_seconds"], "best_epoch": res["best_epoch"], "epochs_run": res["epochs_run"],
             "calibration": calib,
         })
-        m["plots"] = {
-            "confusion": str(plot_confusion_matrix(m["confusion_matrix"], classes,
-                                                   out / "plots" / f"confusion_{name}.png",
-                                                   f"{name} ({res['arch']}) test confusion")),
-            "roc": str(plot_roc(y_test, softmax(test_logits), classes, out / "plots" / f"roc_{name}.png",
-                                f"{name} one-vs-rest ROC")),
-            "reliability": str(cal.reliability_diagram(softmax(test_logits), softmax(test_logits, calib["temperature"]),
-                                                       y_test, out / "plots" / f"reliability_{name}.png",
-                                                       temperature=calib["temperature"])),
-        }
+        if masks:
+            m["calibration_confidence_only"] = calib_conf
+        m["plots"] = _model_plots(name, res["arch"], m, test, calib["temperature"], classes, out / "plots")
         report["models"][name] = m
         log.info("%s: test accuracy %.4f macro-F1 %.4f latency %.1f ms", name, m["accuracy"], m["macro_f1"],
                  m["latency_ms"])
@@ -197,30 +335,26 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
     # Beyond the random split: out-of-distribution score, corruptions, background-only
     # baseline, non-leaf inputs.
     spec = InputSpec(size=size, mean=tuple(results[champion]["mean"]), std=tuple(results[champion]["std"]))
-    detector = None
-    if params.calibration.ood_enabled:
-        detector, report["ood"], ood_masks = _fit_ood(params, models[champion], spec, rows, classes,
-                                                      features_of[champion], out, progress)
-        # Same confidence threshold (chosen on all validation images); coverage and accuracy
-        # now count only what both rules answer.
-        champ["calibration_confidence_only"] = champ["calibration"]
-        champ["calibration"] = cal.calibration_summary(
-            val_logits_of[champion], y_val, test_logits_of[champion], y_test, params.calibration.target_precision,
-            params.calibration.min_coverage, val_in_distribution=ood_masks[0], test_in_distribution=ood_masks[1])
-        report["calibration"] = champ["calibration"]
+    detector = detectors[champion]
+    val, test = passes[champion]
+    if detector is not None:
+        report["ood"] = _ood_summary(params, detector, val.ood_scores, test.ood_scores,
+                                     storage.join(store or str(out), "ood_detector.npz"))
     predict = _torch_proba(models[champion], spec, champ["calibration"]["temperature"])
-    sub = _stratified_subset(rows_for(rows, "test"), params.robustness.max_images, params.data.seed)
-    sub_images = [load_image(r.path) for r in sub]
-    sub_labels = np.array([classes.index(r.label) for r in sub])
+    rows = load_manifest(index)
+    sub = subset_samples(index, "test", params.robustness.max_images, params.data.seed, rows, with_originals=True)
+    sub_images = [shrink_original(s.original, size) if s.original else _pil(s.pixels) for s in sub]
+    sub_labels = np.array([s.label for s in sub])
     rob_rows = rob.evaluate_corruptions(sub_images, sub_labels, predict, params.robustness.severities,
                                         seed=params.data.seed)
-    rob_summary = rob.robustness_summary(rob_rows)
-    report["robustness"] = {"rows": rob_rows, "summary": rob_summary, "n_images": len(sub)}
+    report["robustness"] = {"rows": rob_rows, "summary": rob.robustness_summary(rob_rows), "n_images": len(sub)}
     report["plots"]["robustness"] = str(rob.robustness_chart(rob_rows, out / "plots" / "robustness.png"))
-    train_sub = _stratified_subset(rows_for(rows, "train"), 2000, params.data.seed)
+    train_sub = subset_samples(index, "train", 2000, params.data.seed)
     report["background_baseline"] = rob.background_baseline(
-        [load_image(r.path) for r in train_sub], np.array([classes.index(r.label) for r in train_sub]),
+        [_pil(s.pixels) for s in train_sub], np.array([s.label for s in train_sub]),
         sub_images, sub_labels, border=params.robustness.background_border, seed=params.data.seed)
+    report["background_baseline"]["train_images"] = "resized training pixels (shards)"
+    del train_sub
     non_leaf = rob.non_leaf_images(n=60, size=max(size, 224), seed=params.data.seed)
     photos = rob.non_leaf_photos(n=12, size=max(size, 224), seed=params.data.seed)
     report["non_leaf"] = _non_leaf_report(models[champion], spec, champ["calibration"], detector,
@@ -232,49 +366,57 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
                                                     out / "plots" / "ood_scores.png"))
     calib = champ["calibration"]
     report["plots"]["coverage"] = str(cal.coverage_accuracy_plot(
-        cal.coverage_accuracy_curve(softmax(test_logits_of[champion], calib["temperature"]), y_test),
+        cal.coverage_accuracy_curve(softmax(test.logits, calib["temperature"]), test.labels),
         calib["abstain_threshold"], out / "plots" / "coverage_accuracy.png",
         target_precision=params.calibration.target_precision,
         operating_point=(calib["test_coverage"], calib["test_accuracy_at_threshold"]) if detector is not None
         else None))
 
-    (out / "metrics.json").write_text(json.dumps(_dvc_metrics(report), indent=2))
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    storage.write_bytes(out / "metrics.json", json.dumps(_dvc_metrics(report), indent=2).encode())
+    storage.write_bytes(out / "report.json", json.dumps(report, indent=2, default=str).encode())
     _write_plot_tables(report, out / "plots")
-
     return report
 
 
-def _fit_ood(params: Params, model: Any, spec: InputSpec, rows: Sequence[ManifestRow], classes: Sequence[str],
-             eval_features: tuple[np.ndarray, np.ndarray], out: Path,
-             progress: bool) -> tuple[Any, dict[str, Any], tuple[np.ndarray, np.ndarray]]:
-    """Fit the champion's OOD detector on training features; threshold on validation.
+def _pil(pixels: np.ndarray) -> Any:
+    from PIL import Image
 
-    ``eval_features``: the champion's (validation, test) penultimate features.
+    return Image.fromarray(pixels)
 
-    Returns:
-        ``(detector, report["ood"], (val_in_distribution, test_in_distribution))``; the
-        detector is also saved to ``out/ood_detector.npz`` (its path is in the report) for
-        the export step.
+
+def _model_plots(name: str, arch: str, m: Mapping[str, Any], test: SplitScores, temperature: float,
+                 classes: Sequence[str], plots: Path) -> dict[str, str]:
+    from plantml import calibration as cal
+    from plantml.evaluation import plot_confusion_matrix, plot_roc
+
+    probs = softmax(test.logits)
+    return {
+        "confusion": str(plot_confusion_matrix(m["confusion_matrix"], classes, plots / f"confusion_{name}.png",
+                                               f"{name} ({arch}) test confusion")),
+        "roc": str(plot_roc(test.labels, probs, classes, plots / f"roc_{name}.png", f"{name} one-vs-rest ROC")),
+        "reliability": str(cal.reliability_diagram(probs, softmax(test.logits, temperature), test.labels,
+                                                   plots / f"reliability_{name}.png", temperature=temperature)),
+    }
+
+
+def _ood_summary(params: Params, detector: Any, val_scores: np.ndarray, test_scores: np.ndarray,
+                 detector_uri: str) -> dict[str, Any]:
+    """The champion's OOD section of the report; publishes the detector at ``detector_uri``.
+
+    The export step (maybe on another machine) reads the detector from there, never from
+    this step's disk.
     """
     from plantml import ood
-    from plantml.models.scored import extract_features
 
     c = params.calibration
-    fit_rows = _stratified_subset(rows_for(rows, "train"), c.ood_max_fit_images, params.data.seed)
-    x_fit, y_fit = load_images(fit_rows, classes, spec.size, progress, desc="load train (OOD fit)")
-    detector = ood.fit_feature_detector(extract_features(model, x_fit, spec)[0], y_fit, len(classes),
-                                        c.ood_components)
-    del x_fit
-    val_scores, test_scores = (detector.score(f) for f in eval_features)
     threshold = ood.choose_ood_threshold(val_scores, c.ood_acceptance)
     summary = ood.summary_dict(detector, threshold, c.ood_acceptance, {
         "validation": ood.rejection_rate(val_scores, threshold), "test": ood.rejection_rate(test_scores, threshold)})
-    summary["detector_path"] = str(detector.save(out / "ood_detector.npz"))
+    summary["detector_uri"] = storage.write_bytes(detector_uri, detector.to_bytes())
     summary["scores"] = {"validation": val_scores.tolist(), "test": test_scores.tolist()}
     log.info("OOD threshold %.4f (%.0f %% of validation accepted); test rejected %.3f", threshold,
              100 * c.ood_acceptance, summary["rejection_rate"]["test"])
-    return detector, summary, (val_scores <= threshold, test_scores <= threshold)
+    return summary
 
 
 def _non_leaf_report(model: Any, spec: InputSpec, calib: Mapping[str, Any], detector: Any,
@@ -373,21 +515,28 @@ def _write_plot_tables(report: Mapping[str, Any], plots: Path) -> None:
 
 
 def export_champion(params: Params, report: Mapping[str, Any], train_result: Mapping[str, Any], checkpoint: str,
-                    rows: Sequence[ManifestRow], lineage: Mapping[str, Any],
+                    index: sh.ShardIndex, lineage: Mapping[str, Any],
                     out_root: str | os.PathLike[str] | None = None,
                     progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Export the champion to a bundle: ONNX + OpenVINO FP32 (parity-checked), INT8 behind the
     accuracy gate, drift reference statistics, calibration and metrics.
 
+    Everything comes from the checkpoint, the report and the shard store: the OOD
+    detector is read from ``report["ood"]["detector_uri"]``, never from the evaluate
+    step's disk. The INT8 gate and the drift reference use stratified test subsets of at
+    most ``export.int8.max_eval_images`` / ``export.max_reference_images`` images (the
+    subset sizes and the gate's standard error are recorded in the metadata).
+
     Returns:
         ``(bundle_path, metadata)``.
     """
+    import io
+
     import torch
 
-    from plantml.drift import reference_stats_step
     from plantml.export import export_bundle
     from plantml.quantize import int8_export_step
-    from plantml.training import available_cores, load_checkpoint, normalize_batch
+    from plantml.training import load_checkpoint, normalize_batch
 
     torch.set_num_threads(available_cores())
     model, _ = load_checkpoint(checkpoint)
@@ -398,14 +547,14 @@ def export_champion(params: Params, report: Mapping[str, Any], train_result: Map
         from plantml.ood import FeatureDetector
 
         # The bundle's model returns (logits, ood_score): serving and edge read both.
-        exported = scored_classifier(model, FeatureDetector.load(ood_report["detector_path"]))
+        detector = FeatureDetector.load(io.BytesIO(storage.read_bytes(ood_report["detector_uri"])))
+        exported = scored_classifier(model, detector)
     classes, size = train_result["classes"], train_result["image_size"]
     spec = InputSpec(size=size, mean=tuple(train_result["mean"]), std=tuple(train_result["std"]))
-    test_rows = rows_for(rows, "test")
-    x_test, y_test = load_images(test_rows, classes, size, progress, desc="load test")
-    calib_rows = _stratified_subset(rows_for(rows, "train"), params.export.int8.calibration_images, params.data.seed)
-    x_calib, _ = load_images(calib_rows, classes, size, progress, desc="load calibration")
-    test_nchw = normalize_batch(x_test, spec)
+    rows = load_manifest(index)
+    gate = subset_samples(index, "test", params.export.int8.max_eval_images, params.data.seed, rows)
+    x_gate = normalize_batch(np.stack([s.pixels for s in gate]), spec)
+    y_gate = np.array([s.label for s in gate])
     champ = report["models"][report["champion"]]
     calib = champ["calibration"]
     metrics = {
@@ -415,30 +564,79 @@ def export_champion(params: Params, report: Mapping[str, Any], train_result: Map
         "robustness": report["robustness"]["summary"],
         "background_baseline": report["background_baseline"],
         "non_leaf_abstain_rate": report["non_leaf"]["abstain_rate"],
-        "n_test": len(test_rows), "is_demo_data": report["is_demo"],
+        "n_test": index.count("test"), "is_demo_data": report["is_demo"],
     }
     steps = []
     if params.export.int8.enabled:
-        steps.append(int8_export_step(normalize_batch(x_calib, spec), test_nchw, y_test,
-                                      params.export.int8.max_accuracy_drop, threads=available_cores()))
-    test_logits = _logits(model, test_nchw)
-    probs = softmax(test_logits, calib["temperature"])
-    # The reference is computed on the original files, as the service sees uploads (not the resized inputs).
-    steps.append(reference_stats_step([r.path for r in test_rows], [classes[i] for i in probs.argmax(1)], probs.max(1),
-                                      embeddings=test_logits, embedding_source="logits"))
+        calib_samples = subset_samples(index, "train", params.export.int8.calibration_images, params.data.seed)
+        x_calib = normalize_batch(np.stack([s.pixels for s in calib_samples]), spec)
+        del calib_samples
+        steps.append(int8_export_step(x_calib, x_gate, y_gate, params.export.int8.max_accuracy_drop,
+                                      threads=available_cores()))
+    steps.append(_reference_step(params, model, spec, index, rows, calib["temperature"], classes))
     calibration = {"temperature": calib["temperature"], "abstain_threshold": calib["abstain_threshold"],
                    "target_precision": params.calibration.target_precision}
     if ood_report:
         calibration["ood_threshold"] = ood_report["threshold"]
-        metrics["ood"] = {k: v for k, v in ood_report.items() if k not in ("scores", "detector_path")}
+        metrics["ood"] = {k: v for k, v in ood_report.items() if k not in ("scores", "detector_uri")}
     out = repo_path(out_root or params.export.out_dir)
     path, metadata = export_bundle(
         exported, out_root=out, name=params.export.name, architecture=train_result["arch"], classes=classes,
-        input_spec=spec, parity_inputs=test_nchw[:8], metrics=metrics, lineage=lineage, params=params.to_dict(),
+        input_spec=spec, parity_inputs=x_gate[:8], metrics=metrics, lineage=lineage, params=params.to_dict(),
         calibration=calibration,
         opset=params.export.opset, parity_tolerance=params.export.parity_tolerance, extra_steps=steps,
     )
     return path, metadata
+
+
+class _StreamedOriginals:
+    """The original photos of chosen test samples, decoded one at a time on iteration.
+
+    The drift reference needs every photo at its original size (width, height and
+    sharpness columns are compared with what the service sees); holding a few thousand
+    12 MP field photos at once would not fit, so they are streamed from the shards.
+    """
+
+    def __init__(self, index: sh.ShardIndex, keys: Sequence[str]) -> None:
+        self.index, self.keys = index, list(keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self):
+        wanted = set(self.keys)
+        for s in sh.iter_split(self.index, "test", with_originals=True):
+            if s.key in wanted:
+                yield decode_image(s.original) if s.original else _pil(s.pixels)
+
+
+def _reference_step(params: Params, model: Any, spec: InputSpec, index: sh.ShardIndex, rows: Sequence[ManifestRow],
+                    temperature: float, classes: Sequence[str]) -> Any:
+    """The drift-reference export step over a stratified test subset, streamed."""
+    from plantml.drift import reference_stats_step
+    from plantml.training import normalize_batch
+
+    keys = {r.key for r in _stratified_subset(rows_for(rows, "test"), params.export.max_reference_images,
+                                              params.data.seed)}
+    logits, ordered = [], []
+    for s_batch in _batched(s for s in sh.iter_split(index, "test") if s.key in keys):
+        logits.append(_logits(model, normalize_batch(np.stack([s.pixels for s in s_batch]), spec)))
+        ordered += [s.key for s in s_batch]
+    test_logits = np.concatenate(logits)
+    probs = softmax(test_logits, temperature)
+    return reference_stats_step(_StreamedOriginals(index, ordered), [classes[i] for i in probs.argmax(1)],
+                                probs.max(1), embeddings=test_logits, embedding_source="logits")
+
+
+def _batched(items: Any, size: int = 64) -> Any:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _logits(model: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -59,6 +59,25 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return root
 
 
+def make_shards(data_root: Path, store: Path, size: int = 32, samples_per_shard: int = 16, seed: int = 42):
+    """Prepare ``data_root`` into shards at ``store``; returns ``(rows, summary, index)``."""
+    from plantml.data import PixelStaging, prepare_dataset, write_shards
+
+    staging = PixelStaging(size)
+    try:
+        rows, summary = prepare_dataset(data_root, seed=seed, progress=False, staging=staging)
+        rows, index = write_shards(rows, summary, staging, str(store), samples_per_shard, seed, progress=False)
+    finally:
+        staging.close()
+    return rows, summary, index
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_dataset, tmp_path_factory):
+    """``tiny_dataset`` prepared at 32 px into WebDataset shards of 16 samples: ``(rows, summary, index)``."""
+    return make_shards(tiny_dataset, tmp_path_factory.mktemp("tiny_shards"))
+
+
 def _train_tiny_model(classes: list[str], size: int):
     """A tiny CNN trained for a few steps on the synthetic colours (deterministic)."""
     import torch

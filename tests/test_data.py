@@ -87,8 +87,8 @@ def test_layout_variants(tmp_path):
         rows, summary = prepare_dataset(root, progress=False)
         assert summary.classes == ["A", "B"]
         if variant == "presplit":
-            assert all(r.split == "train" for r in rows if "/train/" in r.path)
-            assert {r.split for r in rows if "/valid/" in r.path} == {"val", "test"}
+            assert all(r.split == "train" for r in rows if r.path.startswith("train/"))
+            assert {r.split for r in rows if r.path.startswith("valid/")} == {"val", "test"}
 
 
 def test_manifest_roundtrip(tiny_dataset, tmp_path):

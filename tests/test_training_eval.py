@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 
 from plantml.config import load_params
-from plantml.data import load_images, prepare_dataset, rows_for
 from plantml.evaluation import QualityGateError, check_quality_gates, choose_champion, classification_metrics
 from plantml.models import UnknownModelError, available_models, create_model
 
@@ -30,30 +29,37 @@ def test_pretrained_lite0_weights_are_imagenet():
     assert head.shape == (1000, 1280) and float(head.abs().mean()) > 0.01
 
 
-def test_training_learns_and_keeps_best_epoch(tiny_dataset, tmp_path):
+def test_training_learns_and_keeps_best_epoch(tiny_shards, tmp_path):
     pytest.importorskip("torch")
-    from plantml.training import load_checkpoint, predict_logits, train_model
+    from plantml.training import load_checkpoint, train_model, validate
 
     params = load_params(overrides={"train.epochs": 4, "train.image_size": 32, "train.batch_size": 8,
                                     "train.models.cnn.arch": "tiny_cnn", "train.models.cnn.lr": 0.03})
-    rows, summary = prepare_dataset(tiny_dataset, progress=False)
-    train = load_images(rows_for(rows, "train"), summary.classes, 32, progress=False)
-    val = load_images(rows_for(rows, "val"), summary.classes, 32, progress=False)
-    result = train_model("cnn", params.train.models["cnn"], params.train, train, val, summary.classes, tmp_path,
-                         threads=1, progress=False)
+    _, summary, index = tiny_shards
+    result = train_model("cnn", params.train.models["cnn"], params.train, index, tmp_path, threads=1, progress=False)
     assert len(result.history) >= 1 and result.best_epoch >= 1
     assert result.best_val_accuracy >= 0.75  # solid colours are easy
     model, meta = load_checkpoint(result.checkpoint_path)
     assert meta["classes"] == summary.classes
-    logits = predict_logits(model, val[0], result.input_spec)
-    assert float((logits.argmax(1) == val[1]).mean()) == pytest.approx(result.best_val_accuracy)
-    again = train_model("cnn", params.train.models["cnn"], params.train, train, val, summary.classes, tmp_path / "2",
-                        threads=1, progress=False)
+    logits, labels = validate(model, index, result.input_spec, "cpu", 16)
+    assert len(labels) == index.count("val")
+    assert float((logits.argmax(1) == labels).mean()) == pytest.approx(result.best_val_accuracy)
+    again = train_model("cnn", params.train.models["cnn"], params.train, index, tmp_path / "2", threads=1,
+                        progress=False)
     assert [h["val_loss"] for h in again.history] == pytest.approx([h["val_loss"] for h in result.history])
 
 
+def test_training_refuses_shards_of_another_size(tiny_shards, tmp_path):
+    pytest.importorskip("torch")
+    from plantml.training import train_model
+
+    params = load_params(overrides={"train.image_size": 64, "train.models.cnn.arch": "tiny_cnn"})
+    with pytest.raises(ValueError, match="the shards hold 32 px images but train.image_size is 64"):
+        train_model("cnn", params.train.models["cnn"], params.train, tiny_shards[2], tmp_path, progress=False)
+
+
 def test_thread_split_between_branches():
-    from plantml.training import available_cores, resolve_threads
+    from plantml.resources import available_cores, resolve_threads
 
     assert resolve_threads(3, 2) == 3
     assert resolve_threads(0, 2) == max(1, available_cores() // 2)

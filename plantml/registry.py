@@ -42,6 +42,8 @@ EXPERIMENT_NAME = "plantml"
 BUNDLE_ARTIFACT = "bundle"
 #: Model-version tag that identifies the registered bundle (sha256 of its metadata.json).
 BUNDLE_TAG = "bundle_sha256"
+#: Model-version tag: "one registration per key" (by default the Metaflow run id), see :func:`register_bundle`.
+KEY_TAG = "plantml.registration_key"
 #: Child-run tag naming the branch (architecture); with ``mlflow.parentRunId`` it identifies a child run.
 BRANCH_TAG = "plantml.branch"
 PARENT_TAG = "mlflow.parentRunId"
@@ -107,6 +109,7 @@ def register_bundle(
     run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
     tracking_uri: str | None = None,
+    registration_key: str | None = None,
 ) -> dict[str, Any]:
     """Log the bundle as an MLflow ``pyfunc`` model and register it as a model version. Idempotent.
 
@@ -117,10 +120,16 @@ def register_bundle(
     points at the bundle's FP32 ONNX graph (``mlflow.onnx.load_model``). The whole bundle is
     the model's ``bundle`` artifact, so :func:`fetch_bundle` still returns a bundle directory.
 
-    If a version of ``model_name`` already carries this bundle's identity (tag
-    ``bundle_sha256``, see :func:`bundle_sha256`) it is returned instead of registering again,
-    and the alias is (re)pointed at it: a retried export step neither adds a version nor
-    moves the alias anywhere else.
+    Registering is idempotent. A version of ``model_name`` is returned instead of a new one
+    (and the alias re-pointed at it) when it already carries
+
+    * this bundle's identity (tag ``bundle_sha256``, see :func:`bundle_sha256`): the same
+      export registered twice; or
+    * the same ``registration_key`` (tag ``plantml.registration_key``): by default
+      ``metaflow:<tags["metaflow_run_id"]>`` when that tag is given, so a retried ``export``
+      step of one flow run, which writes a *new* bundle (new version string and
+      ``created_at``), neither adds a version nor moves the alias. (``resume`` starts a new
+      Metaflow run id, so it registers its own version, as it should.)
 
     Args:
         bundle_path: the exported bundle directory.
@@ -129,18 +138,27 @@ def register_bundle(
         run_id: link the logged model to this existing run; otherwise a new run is started.
         tags: version tags (e.g. ``metaflow_run_id``).
         tracking_uri: overrides the default store.
+        registration_key: "one registration per this key" (see above); ``""`` turns the
+            default off.
 
     Returns:
         ``{"name", "version", "alias", "run_id", "model_id", "source", "model_uri",
-        "bundle_sha256", "reused"}`` (``source``: the logged model, ``models:/m-...``).
+        "bundle_sha256", "reused"}`` (``source``: the logged model, ``models:/m-...``;
+        ``bundle_sha256``: of the registered version, which after a retry is the bundle
+        the first attempt registered).
     """
     uri = resolve_tracking_uri(tracking_uri)
     setup_mlflow(uri)
     client = _client(uri)
     bundle_path = Path(bundle_path).resolve()
     digest = bundle_sha256(bundle_path)
+    tags = {k: str(v) for k, v in (tags or {}).items()}
+    if registration_key is None and tags.get("metaflow_run_id"):
+        registration_key = f"metaflow:{tags['metaflow_run_id']}"
     _ensure_registered_model(client, model_name)
     version = find_registered_version(model_name, digest, tracking_uri=uri)
+    if version is None and registration_key:
+        version = find_registered_version(model_name, tracking_uri=uri, registration_key=registration_key)
     reused = version is not None
     if version is None:
         if run_id is None:
@@ -148,12 +166,12 @@ def register_bundle(
                                        tags={"plantml.bundle_sha256": digest}).info.run_id
             client.set_terminated(run_id)
         info = log_bundle_model(bundle_path, run_id=run_id, tracking_uri=uri)
-        version_tags = {**{k: str(v) for k, v in (tags or {}).items()}, BUNDLE_TAG: digest}
+        version_tags = {**tags, BUNDLE_TAG: digest, **({KEY_TAG: registration_key} if registration_key else {})}
         version = client.create_model_version(model_name, source=info.model_uri, run_id=run_id,
                                               tags=version_tags, model_id=info.model_id)
     else:
-        log.info("%s version %s already holds bundle %s: not registering it again",
-                 model_name, version.version, digest[:12])
+        log.info("%s version %s already registered for bundle %s / key %s: not registering it again",
+                 model_name, version.version, digest[:12], registration_key)
     if alias:
         client.set_registered_model_alias(model_name, alias, version.version)
     log.info("registered %s version %s (alias %s) from run %s", model_name, version.version, alias, version.run_id)
@@ -161,14 +179,18 @@ def register_bundle(
         "name": model_name, "version": str(version.version), "alias": alias, "run_id": version.run_id,
         "model_id": getattr(version, "model_id", None), "source": version.source,
         "model_uri": f"models:/{model_name}@{alias}" if alias else f"models:/{model_name}/{version.version}",
-        "bundle_sha256": digest, "reused": reused,
+        "bundle_sha256": version.tags.get(BUNDLE_TAG, digest), "reused": reused,
     }
 
 
-def find_registered_version(model_name: str, digest: str, tracking_uri: str | None = None) -> Any:
-    """The oldest version of ``model_name`` tagged ``bundle_sha256=digest``, or ``None``."""
+def find_registered_version(model_name: str, digest: str | None = None, tracking_uri: str | None = None,
+                            registration_key: str | None = None) -> Any:
+    """The oldest version of ``model_name`` tagged ``bundle_sha256=digest`` (or else with that key), or ``None``."""
     client = _client(resolve_tracking_uri(tracking_uri))
-    found = client.search_model_versions(f"name = '{_quote(model_name)}' and tags.{BUNDLE_TAG} = '{digest}'")
+    tag, value = (BUNDLE_TAG, digest) if digest else (KEY_TAG, registration_key)
+    if not value:
+        raise ValueError("give a bundle digest or a registration key")
+    found = client.search_model_versions(f"name = '{_quote(model_name)}' and tags.`{tag}` = '{_quote(value)}'")
     return min(found, key=lambda v: int(v.version)) if found else None
 
 

@@ -47,8 +47,16 @@ def test_register_is_idempotent_alias_and_fetch(tiny_bundle, store, tmp_path):
     assert len(client.search_model_versions("name = 'leaf'")) == 1
     assert len(client.search_logged_models(experiment_ids=[client.get_run(parent).info.experiment_id])) == 1
 
-    other = register_bundle(_other_bundle(tiny_bundle, tmp_path), model_name="leaf", tags={"metaflow_run_id": "43"})
+    # a retried export step re-exports: a new bundle, but the same flow run -> the same version
+    other_bundle = _other_bundle(tiny_bundle, tmp_path)
+    retried = register_bundle(other_bundle, model_name="leaf", run_id=parent, tags={"metaflow_run_id": "42"})
+    assert (retried["version"], retried["reused"]) == ("1", True)
+    assert retried["bundle_sha256"] == first["bundle_sha256"]
+
+    other = register_bundle(other_bundle, model_name="leaf", tags={"metaflow_run_id": "43"})
     assert (other["version"], other["reused"]) == ("2", False)
+    assert str(client.get_model_version_by_alias("leaf", "champion").version) == "2"
+    assert register_bundle(other_bundle, model_name="leaf", tags={"metaflow_run_id": "44"})["version"] == "2"
     mv = client.get_model_version_by_alias("leaf", "champion")
     assert str(mv.version) == "2" and mv.tags["metaflow_run_id"] == "43"
     local = fetch_bundle("models:/leaf@champion", tmp_path / "dl")

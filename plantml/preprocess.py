@@ -140,7 +140,10 @@ def _composite_on_white(img: Image.Image) -> Image.Image:
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB (alpha composited on white, 16-bit scaled)."""
     if img.mode in _HIGH_BIT_MODES:
-        img = _high_bit_to_l(img)
+        high, img = img, None
+        img = _high_bit_to_l(high)
+        high.close()
+        del high
     if img.mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -228,7 +231,8 @@ def finish_decode(img: Image.Image) -> Image.Image:
     except Exception as exc:  # noqa: BLE001 - a malformed file can make any decoder raise
         raise ImageDecodeError("unsupported", f"image could not be decoded: {type(exc).__name__}: {exc}") from exc
     try:
-        img = ImageOps.exif_transpose(img)
+        # in place: without it Pillow returns a full copy even when nothing needs turning
+        ImageOps.exif_transpose(img, in_place=True)
     except Exception:  # noqa: BLE001 - broken EXIF should not reject a readable image
         pass
     try:

@@ -355,11 +355,10 @@ def _prepare_one(state: ServiceState, spec: Any, data: bytes, label: str, budget
                           "send fewer or smaller images per request")
     with state.gate.reserve(pixels):
         try:
-            rgb = finish_decode(img)
+            rgb = finish_decode(img)  # may be ``img`` itself (an upright RGB file)
         except ImageDecodeError as exc:
             raise ClientError(400, exc.reason, f"{label}: {exc}") from exc
-        finally:
-            img.close()
+        del img
         tensor = preprocess_image(rgb, spec)
         size = rgb.size
         thumbnail = shrink_for_stats(rgb) if state.drift is not None else None

@@ -64,6 +64,104 @@ def children_of(pid: int) -> list[int]:
     return sorted(kids)
 
 
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident memory of a process in MiB (VmHWM, the high-water mark since it started)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+class MemoryCgroup:
+    """A memory-limited cgroup (v1 memory controller, or v2) that test servers start inside.
+
+    A hostile-input case that makes the server allocate without bound must hit this limit
+    (the kernel then kills the offending worker inside the group, which the test sees as a
+    worker restart) instead of the whole machine's memory: one PNG of 300 KB made a worker
+    grow to 22 GB before the machine's OOM killer stepped in. ``available()`` is False
+    where no writable memory controller exists; tests then skip rather than run unconfined.
+    """
+
+    V1_ROOT = Path("/sys/fs/cgroup/memory")
+    V2_ROOT = Path("/sys/fs/cgroup")
+
+    def __init__(self, name: str, limit_bytes: int) -> None:
+        self.name = f"{name}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+        self.limit_bytes = int(limit_bytes)
+        self.path: Path | None = None
+        self.v2 = False
+
+    @classmethod
+    def available(cls) -> bool:
+        probe = cls("plantml-probe", 64 * 1024 * 1024)
+        try:
+            probe.create()
+        except OSError:
+            return False
+        probe.remove()
+        return True
+
+    def create(self) -> "MemoryCgroup":
+        if (self.V1_ROOT / "memory.limit_in_bytes").exists() or (self.V1_ROOT / "cgroup.procs").exists():
+            path = self.V1_ROOT / self.name
+            path.mkdir()
+            (path / "memory.limit_in_bytes").write_text(str(self.limit_bytes))
+            if (path / "memory.memsw.limit_in_bytes").exists():  # also cap swap where accounted
+                try:
+                    (path / "memory.memsw.limit_in_bytes").write_text(str(self.limit_bytes))
+                except OSError:
+                    pass
+        elif "memory" in (self.V2_ROOT / "cgroup.controllers").read_text().split():
+            path = self.V2_ROOT / self.name
+            path.mkdir()
+            self.v2 = True
+            (path / "memory.max").write_text(str(self.limit_bytes))
+            (path / "memory.swap.max").write_text("0")
+        else:
+            raise OSError("no memory cgroup controller")
+        self.path = path
+        return self
+
+    def enter(self) -> None:
+        """Move the calling process into the group (use as ``preexec_fn``: the child and all it forks)."""
+        assert self.path is not None
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def oom_kills(self) -> int:
+        """How many times the limit was hit hard (v1 ``failcnt`` counts reclaim too; v2 ``oom_kill``)."""
+        assert self.path is not None
+        if self.v2:
+            for line in (self.path / "memory.events").read_text().splitlines():
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+            return 0
+        ctl = (self.path / "memory.oom_control").read_text() if (self.path / "memory.oom_control").exists() else ""
+        for line in ctl.splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+        return 0
+
+    def peak_mb(self) -> float:
+        """Peak memory of the whole group in MiB."""
+        assert self.path is not None
+        name = "memory.peak" if self.v2 else "memory.max_usage_in_bytes"
+        try:
+            return int((self.path / name).read_text()) / 1024 / 1024
+        except (OSError, ValueError):
+            return float("nan")
+
+    def remove(self) -> None:
+        if self.path is None:
+            return
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+        self.path = None
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a process in MiB (VmRSS)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -76,7 +174,7 @@ class GunicornServer:
     """``python -m gunicorn -c serving/gunicorn.conf.py serving.wsgi:app`` on 127.0.0.1."""
 
     def __init__(self, tmp_path: Path, *, workers: int = 2, env: dict[str, str] | None = None,
-                 ready_timeout: float = 60.0) -> None:
+                 ready_timeout: float = 60.0, preexec_fn: Callable[[], None] | None = None) -> None:
         self.tmp_path = Path(tmp_path)
         self.port = free_port()
         self.metrics_dir = self.tmp_path / "prom"
@@ -88,6 +186,7 @@ class GunicornServer:
             "PLANTML_GRACEFUL_TIMEOUT": "20", **(env or {}),
         })
         self.ready_timeout = ready_timeout
+        self.preexec_fn = preexec_fn
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
         self.ready_after = float("nan")
@@ -105,7 +204,7 @@ class GunicornServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "serving.wsgi:app"],
             cwd=str(self.tmp_path), env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=self.preexec_fn,
         )
         if wait:
             self.wait_ready()
@@ -235,6 +334,33 @@ def encode(img: Image.Image, fmt: str, **kw: Any) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
     return buf.getvalue()
+
+
+def png_bytes(width: int, height: int, color_type: int = 2, bit_depth: int = 8, value: int = 90) -> bytes:
+    """A complete, valid PNG of constant pixels, written without holding the raw image.
+
+    Constant pixels compress about 1000:1, which is the point: a few hundred KB that
+    decode to hundreds of MB. ``color_type``: 0 gray, 2 RGB, 4 gray+alpha, 6 RGBA.
+    """
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[color_type]
+    sample = bytes([value]) * (bit_depth // 8)
+    row = b"\x00" + sample * channels * width
+    rows_per_block = max(1, (1 << 20) // len(row))
+    comp = zlib.compressobj(9)
+    parts = []
+    done = 0
+    block = row * rows_per_block
+    while done < height:
+        n = min(rows_per_block, height - done)
+        parts.append(comp.compress(block if n == rows_per_block else row * n))
+        done += n
+    parts.append(comp.flush())
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
 
 
 def png_with_declared_size(width: int, height: int) -> bytes:

@@ -204,6 +204,8 @@ def log_bundle_model(bundle_path: str | os.PathLike[str], *, run_id: str | None,
     import mlflow
     from mlflow.models import Model
 
+    # Imported here, not at the top: plantml.mlflow_model imports mlflow (heavy) at import
+    # time, and edge is needed only to locate the package that travels with the model.
     import edge
     import plantml
     from plantml import mlflow_model
@@ -314,7 +316,10 @@ def start_parent_run(params: Mapping[str, Any], tags: Mapping[str, str], trackin
 
 def find_branch_run(parent_run_id: str, name: str, tracking_uri: str | None = None) -> str | None:
     """The child run of ``parent_run_id`` for branch ``name`` (the oldest, if several), or ``None``."""
-    client = _client(resolve_tracking_uri(tracking_uri))
+    return _find_branch_run(_client(resolve_tracking_uri(tracking_uri)), parent_run_id, name)
+
+
+def _find_branch_run(client: Any, parent_run_id: str, name: str) -> str | None:
     parent = client.get_run(parent_run_id)
     runs = client.search_runs(
         [parent.info.experiment_id],
@@ -554,8 +559,7 @@ def _ensure_registered_model(client: Any, model_name: str) -> None:
 
 
 def _get_or_create_branch_run(client: Any, parent_run_id: str, name: str, tags: Mapping[str, str]) -> str:
-    uri = client._tracking_client.tracking_uri
-    existing = find_branch_run(parent_run_id, name, uri)
+    existing = _find_branch_run(client, parent_run_id, name)
     if existing is not None:
         log.info("reusing MLflow child run %s for %s", existing, name)
         return existing
@@ -612,8 +616,10 @@ def _log_metrics_once(client: Any, run_id: str, metrics: Mapping[str, Any]) -> N
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) or (
-        hasattr(value, "dtype") and getattr(value, "shape", None) == ())
+    """A Python int/float (not bool) or a numpy scalar."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float)) or (hasattr(value, "dtype") and getattr(value, "shape", None) == ())
 
 
 def _now_ms() -> int:

@@ -274,6 +274,8 @@ def load_bundle(root: str | os.PathLike[str], verify: bool = True,
     if not isinstance(meta, dict):
         raise BundleError(f"{meta_path} must hold a JSON object")
     validate_metadata(meta, str(meta_path))
+    for f in meta["files"]:
+        contained_path(root, f["path"])
     bundle = Bundle(root=root, metadata=meta)
     if verify:
         verify_files(bundle)

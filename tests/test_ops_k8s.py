@@ -73,7 +73,8 @@ def rendered() -> dict[str, list[dict]]:
 def test_every_kustomization_renders_and_passes_strict_schema_validation(kdir):
     resources = render.render(kdir)
     kinds = {r["kind"] for r in resources}
-    assert kinds == {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    assert kinds == {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+                     "Ingress", "NetworkPolicy"}
     errors = render.validate(resources)
     assert errors == []
     names = [(r["kind"], r["metadata"]["name"]) for r in resources]
@@ -232,6 +233,10 @@ def test_service_hpa_pdb_and_configmap_point_at_the_deployment(rendered, name):
 # --------------------------------------------------------------------------- agreement with serving/
 
 
+#: Variables read by the runtime rather than by serving/settings.py.
+PROCESS_ENV = {"MALLOC_ARENA_MAX"}
+
+
 def serving_env_names() -> set[str]:
     """Every environment variable that serving/settings.py reads (string literals in its source)."""
     return set(re.findall(r"\"((?:PLANTML|PROMETHEUS)_[A-Z0-9_]+)\"", SETTINGS_SRC.read_text()))
@@ -261,7 +266,7 @@ def test_env_names_and_values_are_what_serving_reads(rendered, name):
 
     resources = rendered[name]
     env = deployment_environment(resources)
-    unknown = sorted(set(env) - serving_env_names())
+    unknown = sorted(set(env) - serving_env_names() - PROCESS_ENV)
     assert not unknown, f"variables serving/settings.py does not read: {unknown}"
 
     settings = Settings.from_env(env)  # raises SettingsError naming a bad value
@@ -298,3 +303,74 @@ def test_probe_paths_exist_in_the_app_and_behave():
     client = app.test_client()
     assert client.get("/health").status_code == 200
     assert client.get("/ready").status_code == 503
+
+
+# --------------------------------------------------------------------------- issue 13
+
+
+@pytest.mark.parametrize("name", ["base", "overlays/dev", "overlays/prod"])
+def test_no_image_floats_on_latest(rendered, name):
+    for c in _all_containers(_one(rendered[name], "Deployment")):
+        image = c["image"]
+        assert not image.endswith(":latest") and (":" in image.rsplit("/", 1)[-1] or "@sha256:" in image), image
+
+
+def test_renderer_pins_a_digest(tmp_path):
+    (tmp_path / "base").symlink_to(K8S / "base")
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: [base]\nimages:\n  - name: plantml-serve\n    newName: ghcr.io/x/plantml-serve\n"
+        "    digest: sha256:" + "a" * 64 + "\n")
+    dep = _one(render.render(tmp_path), "Deployment")
+    assert _api_container(dep)["image"] == "ghcr.io/x/plantml-serve@sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize("name", ["base", "overlays/prod"])
+def test_metrics_on_their_own_port_reachable_only_from_monitoring(rendered, name):
+    from serving.settings import Settings
+
+    resources = rendered[name]
+    settings = Settings.from_env(deployment_environment(resources))
+    dep = _one(resources, "Deployment")
+    ports = {p["name"]: p["containerPort"] for p in _api_container(dep)["ports"]}
+    assert settings.metrics_port == ports["metrics"] != ports["http"] == settings.port
+    assert int(dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]) == settings.metrics_port
+    policy = _one(resources, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    allowed = {(r["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], p["port"])
+               for r in policy["spec"]["ingress"] for p in r["ports"]}
+    assert allowed == {("ingress-nginx", "http"), ("monitoring", "metrics")}
+    assert {p["port"] for r in policy["spec"]["egress"] for p in r["ports"]} == {53}
+
+
+@pytest.mark.parametrize("name", ["base", "overlays/prod"])
+def test_a_buffering_proxy_with_limits_fronts_the_api(rendered, name):
+    from serving.settings import Settings
+
+    resources = rendered[name]
+    settings = Settings.from_env(deployment_environment(resources))
+    ing = _one(resources, "Ingress")
+    ann = ing["metadata"]["annotations"]
+    assert ann["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "on"
+    assert quantity(ann["nginx.ingress.kubernetes.io/proxy-body-size"].replace("m", "Mi")) == settings.max_upload_bytes
+    assert int(ann["nginx.ingress.kubernetes.io/limit-connections"]) > 0
+    assert int(ann["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= settings.read_timeout
+    backends = [p["backend"]["service"] for r in ing["spec"]["rules"] for p in r["http"]["paths"]]
+    assert backends == [{"name": "plantml-api", "port": {"name": "http"}}]  # never the metrics port
+    controller = yaml.safe_load((K8S / "ingress-nginx" / "controller-config.yaml").read_text())
+    assert int(controller["data"]["client-header-timeout"]) <= settings.read_timeout
+    assert int(controller["data"]["client-body-timeout"]) <= settings.read_timeout
+    import kubernetes_validate
+
+    kubernetes_validate.validate(controller, render.K8S_VERSIONS[0], strict=True)
+
+
+@pytest.mark.parametrize("name", ["base", "overlays/prod"])
+def test_hardening_settings_are_deployed(rendered, name):
+    from serving.settings import Settings
+
+    env = deployment_environment(rendered[name])
+    settings = Settings.from_env(env)
+    assert env["MALLOC_ARENA_MAX"] == "2"
+    assert settings.max_requests > 0 and 0 < settings.max_requests_jitter < settings.max_requests
+    assert settings.max_image_megapixels <= 16 and settings.read_timeout <= 60

@@ -105,8 +105,11 @@ def test_prometheus_scrapes_the_api_service_on_its_port(resolved):
     targets = [t for sc in job["static_configs"] for t in sc["targets"]]
     api = resolved["services"]["api"]
     port = int(api["environment"]["PLANTML_PORT"])
-    assert targets == [f"api:{port}"]
+    metrics_port = int(api["environment"]["PLANTML_METRICS_PORT"])
+    assert targets == [f"api:{metrics_port}"] and metrics_port != port  # metrics on their own port
     assert any(int(p["target"]) == port for p in api["ports"])
+    assert not any(int(p["target"]) == metrics_port for p in api["ports"])  # not published to the host
+    assert job["sample_limit"] > 0  # a cardinality explosion fails the scrape instead of filling the TSDB
     # The rule files the config names are what compose mounts next to it.
     rules_mount = next(v for v in resolved["services"]["prometheus"]["volumes"] if v["target"].endswith("/rules"))
     assert Path(rules_mount["target"]).parent == Path("/etc/prometheus")
@@ -151,3 +154,16 @@ def test_mlflow_service_persists_and_accepts_its_compose_hostname(resolved):
     assert "--backend-store-uri=sqlite:////mlflow/" in cmd
     assert "mlflow:*" in cmd, "other containers reach the server as mlflow:5000 (MLflow's host check)"
     assert any(v["target"] == "/mlflow" and v["type"] == "volume" for v in mlflow["volumes"])
+
+
+def test_every_published_port_is_bound_to_loopback_by_default(resolved):
+    """MLflow (no auth), Prometheus (lifecycle API) and Grafana (admin/admin) are not on the network."""
+    for name, svc in resolved["services"].items():
+        for port in svc.get("ports", []):
+            assert port.get("host_ip") == "127.0.0.1", (name, port)
+
+
+def test_images_are_not_floating(raw):
+    for name, svc in raw["services"].items():
+        image = svc.get("image", "")
+        assert image and not image.endswith(":latest") and ":" in image, (name, image)

@@ -154,3 +154,20 @@ def test_flow_overrides_name_real_parameters(wf):
     for group in groups:
         if "$" not in group:
             load_params(None, dict(parse_override(tok) for tok in group.split()))
+
+
+#: Actions still on a tag, each with the reason (see the comment at the top of ci.yml).
+UNPINNED_OK = {"docker/setup-buildx-action", "docker/login-action", "docker/metadata-action",
+               "docker/build-push-action"}
+
+
+def test_actions_are_pinned_by_commit_sha():
+    """Issue 13: a moved tag must not change what CI runs. Every pin carries its release in a comment."""
+    text = (REPO / ".github" / "workflows" / "ci.yml").read_text()
+    uses = re.findall(r"uses:\s*([^\s@]+)@(\S+)(.*)", text)
+    assert uses
+    for action, ref, comment in uses:
+        if action in UNPINNED_OK:
+            continue
+        assert re.fullmatch(r"[0-9a-f]{40}", ref), f"{action}@{ref} is not pinned by commit SHA"
+        assert re.search(r"#\s*v\d+\.\d+\.\d+", comment), f"{action}@{ref}: say which release the SHA is"

@@ -285,11 +285,12 @@ def bundle_dir_for(settings: Settings) -> tuple[Path, str]:
 
 
 def fetch_model(model_uri: str, cache_dir: Path) -> Path:
-    """Download a registered bundle from MLflow into ``cache_dir/current``.
+    """Download a registered bundle from MLflow into ``cache_dir/<name of the URI>``.
 
     Each start downloads into a fresh temporary folder beside it and, once the download
-    is a loadable bundle, renames it over ``current``; older downloads and a failed one
-    are removed, so restarts never pile up copies (a 256 MiB ``/tmp`` filled after ~7).
+    is a bundle, renames it over the URI's folder; older downloads of the same URI and a
+    failed one are removed, so restarts never pile up copies (a 256 MiB ``/tmp`` filled
+    after ~7). Servers of other URIs sharing the cache folder are not touched.
 
     Raises:
         ModelLoadError: if the registry cannot be reached, has no such model, or what it
@@ -302,16 +303,17 @@ def fetch_model(model_uri: str, cache_dir: Path) -> Path:
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_downloads(cache_dir)
-    dst = Path(tempfile.mkdtemp(prefix=".download-", dir=cache_dir))
+    name = _cache_name(model_uri)
+    _remove_stale_downloads(cache_dir, name)
+    dst = Path(tempfile.mkdtemp(prefix=f".download-{name}-", dir=cache_dir))
     try:
         try:
             path = Path(fetch_bundle(model_uri, dst))
         except Exception as exc:  # noqa: BLE001 - mlflow raises many types; all mean "cannot fetch"
             raise ModelLoadError(f"could not fetch {model_uri} from the MLflow registry: {exc}") from exc
         path = _bundle_root_in(path, model_uri)
-        final = cache_dir / "current"
-        old = cache_dir / f".old-{os.getpid()}"
+        final = cache_dir / name
+        old = cache_dir / f".old-{name}-{os.getpid()}"
         if final.exists():
             os.replace(final, old)
         os.replace(path, final)
@@ -322,12 +324,22 @@ def fetch_model(model_uri: str, cache_dir: Path) -> Path:
     return final
 
 
-def _remove_stale_downloads(cache_dir: Path) -> None:
-    """Remove what earlier starts left behind (temporary or superseded downloads)."""
+def _cache_name(model_uri: str) -> str:
+    """A folder name for a registry URI: readable, and unique per URI."""
+    import hashlib
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9_.@-]+", "-", model_uri.split(":/", 1)[-1]).strip("-.")[:60]
+    return f"{slug}-{hashlib.sha256(model_uri.encode()).hexdigest()[:10]}"
+
+
+def _remove_stale_downloads(cache_dir: Path, name: str) -> None:
+    """Remove what earlier starts for this URI left behind (temporary or superseded downloads)."""
     import shutil
 
-    for stale in list(cache_dir.glob(".download-*")) + list(cache_dir.glob(".old-*")) + list(cache_dir.glob("bundle-*")):
-        shutil.rmtree(stale, ignore_errors=True)
+    for pattern in (f".download-{name}-*", f".old-{name}-*"):
+        for stale in cache_dir.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _bundle_root_in(path: Path, model_uri: str) -> Path:

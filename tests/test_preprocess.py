@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from plantml.preprocess import ImageDecodeError, InputSpec, decode_image, preprocess_image, resize_center_crop, softmax, top_k
+from plantml.preprocess import (ImageDecodeError, InputSpec, decode_image, preprocess_image, resize_center_crop,
+                                softmax, top_k)
 from tests.conftest import jpeg_bytes, make_leaf_image
 
 
@@ -39,7 +40,8 @@ def test_preprocess_matches_torchvision_eval_transform():
 @pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK", "I;16", "LA"])
 def test_unusual_modes_become_rgb(mode):
     base = make_leaf_image((40, 160, 40), size=40)
-    img = base.convert(mode) if mode != "I;16" else Image.fromarray((np.asarray(base.convert("L")).astype(np.uint16) * 256))
+    img = (base.convert(mode) if mode != "I;16"
+           else Image.fromarray((np.asarray(base.convert("L")).astype(np.uint16) * 256)))
     fmt = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
     buf = io.BytesIO()
     img.save(buf, format=fmt)

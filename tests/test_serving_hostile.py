@@ -28,7 +28,6 @@ import time
 
 import pytest
 import requests
-from PIL import Image
 
 try:  # tests/ may or may not be a package
     from tests.conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image

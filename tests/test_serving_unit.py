@@ -657,10 +657,10 @@ def test_registry_download_is_reused_not_piled_up_and_empty_is_clear(tiny_bundle
     for _ in range(3):  # three restarts
         path = fetch_model("models:/m@champion", cache)
         assert (path / "metadata.json").is_file()
-    assert sorted(p.name for p in cache.iterdir()) == ["current"]
+    assert [p.name for p in cache.iterdir()] == [path.name] and path.name.startswith("m@champion-")
     with pytest.raises(ModelLoadError, match="not a bundle: no metadata.json in the download \\(empty\\)"):
         fetch_model("models:/empty@champion", cache)
-    assert sorted(p.name for p in cache.iterdir()) == ["current"]  # the failed download is gone too
+    assert [p.name for p in cache.iterdir()] == [path.name]  # the failed download is gone too
 
 
 def test_unknown_methods_are_refused_before_flask(client):
@@ -686,7 +686,8 @@ def test_chunked_body_over_the_limit_is_413(tiny_bundle, predictor):
                                    environ_overrides={"wsgi.input_terminated": True})  # as gunicorn sets it
         assert r.status_code == 413, (ctype, r.get_json())
     r = app.test_client().post("/predict", input_stream=io.BytesIO(leaf(LABELS[0])), content_type="image/jpeg",
-                               headers={"Transfer-Encoding": "chunked"}, environ_overrides={"wsgi.input_terminated": True})
+                               headers={"Transfer-Encoding": "chunked"},
+                               environ_overrides={"wsgi.input_terminated": True})
     assert r.status_code == 200 and r.get_json()["prediction"] == LABELS[0]
 
 

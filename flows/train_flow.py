@@ -86,12 +86,14 @@ class PlantDiseaseFlow(FlowSpec):
     def prepare(self):
         """Scan, check and split the data; decode it once into shards in the run's store."""
         from plantml.pipeline import prepare, repo_path
+        from plantml.registry import log_dataset_input
         from plantml.storage import join
 
         params = self._params()
         summary, index = prepare(params, store=join(run_store(self), "data"))
         self.shards = index.to_dict()
         self.summary = summary.to_dict()
+        log_dataset_input(self.mlflow_parent_run_id, self.summary, params.registry.tracking_uri)
         self.classes = summary.classes
         chart = cards.class_chart(self.summary, repo_path(params.evaluate.out_dir) / current.run_id / "classes.png")
         for part in cards.prepare_card(self.summary, chart):
@@ -107,14 +109,27 @@ class PlantDiseaseFlow(FlowSpec):
         """Train one model (a foreach branch: the CNN and the ViT run at the same time)."""
         from plantml.evaluation import plot_training_curves
         from plantml.pipeline import repo_path, train_branch
+        from plantml.registry import log_epoch_metrics, start_branch_run
 
         params = self._params()
         self.model_name = self.input
         out_dir = repo_path(params.train.out_dir) / current.run_id / self.model_name
         checkpoint, earlier = checkpoint_uris(self, self.model_name)
+        uri = params.registry.tracking_uri
+        # The branch's MLflow run exists from the first epoch on: metrics are live, not logged after the join.
+        self.mlflow_run_id = start_branch_run(
+            self.mlflow_parent_run_id, self.model_name, tracking_uri=uri,
+            params={"arch": params.train.models[self.model_name].arch, "image_size": params.train.image_size},
+            tags={"metaflow_run_id": current.run_id})
+        refresh_card = cards.live_train_card(current.card, self.model_name)
+
+        def on_epoch_end(row, result):
+            log_epoch_metrics(self.mlflow_run_id, row, int(row["epoch"]), uri)
+            refresh_card(row, result)
+
         result = train_branch(params, self.model_name, self._index(), out_dir,
                               parallel_branches=len(self.model_names), checkpoint_uri=checkpoint,
-                              resume_uris=earlier, on_epoch_end=cards.live_train_card(current.card, self.model_name))
+                              resume_uris=earlier, on_epoch_end=on_epoch_end)
         self.train_result = result.to_dict()
         self.checkpoint = Path(result.checkpoint_path).read_bytes()
         curve = plot_training_curves({self.model_name: result.history}, out_dir / "curves.png")
@@ -173,7 +188,8 @@ class PlantDiseaseFlow(FlowSpec):
                 checkpoint_path=checkpoints[name],
                 tags={"metaflow_run_id": current.run_id, "champion": str(name == self.champion),
                       "demo_data": str(self.summary["is_demo"])},
-                tracking_uri=params.registry.tracking_uri)
+                tracking_uri=params.registry.tracking_uri, run_id=next(
+                    (getattr(i, "mlflow_run_id", None) for i in ok if i.model_name == name), None))
         for part in cards.evaluate_card(report, self.train_errors):
             current.card.append(part)
         enforce_quality_gates(params, report)  # fails the run here: nothing exported, nothing registered

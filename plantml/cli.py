@@ -50,7 +50,7 @@ def _prepared(params: Params):
         index = load_index(str(folder))
         summary = DatasetSummary(**json.loads((folder / "summary.json").read_text()))
     except (StorageError, OSError) as exc:
-        raise DataError(f"no prepared data in {folder} (run `plantml prepare` first): {exc}") from exc
+        raise DataError(f"no prepared data in {folder}: run `plantml prepare` first") from exc
     return index, summary
 
 

@@ -45,7 +45,7 @@ def test_unknown_parameter_key():
 
 def test_train_without_prepare(tmp_path):
     proc = run_cli("train", "--set", f"data.prepared_dir={tmp_path}")
-    _assert_one_line_error(proc, "manifest not found")
+    _assert_one_line_error(proc, "no prepared data in")
 
 
 def test_prepare_reports_skips(tiny_dataset, tmp_path):

@@ -28,30 +28,29 @@ def main() -> None:
     import torch
 
     from plantml.config import load_params, parse_override
-    from plantml.data import load_images, prepare_dataset, rows_for
-    from plantml.training import load_checkpoint, predict_logits, train_model
+    from plantml.pipeline import prepare, score_split, train_branch
+    from plantml.training import load_checkpoint
 
     overrides = {"train.device": "cuda", "data.data_dir": args.data_dir, **dict(parse_override(s) for s in args.set)}
     params = load_params(overrides=overrides)
-    rows, summary = prepare_dataset(args.data_dir, params.data.split, params.data.seed, progress=False)
     size = params.train.image_size
-    train = load_images(rows_for(rows, "train"), summary.classes, size, progress=False)
-    val = load_images(rows_for(rows, "val"), summary.classes, size, progress=False)
-    test = load_images(rows_for(rows, "test"), summary.classes, size, progress=False)
-    report = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "python": platform.python_version(),
-              "image_size": size, "n_train": len(train[0]), "n_test": len(test[0]), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
+        _, index = prepare(params, store=str(Path(tmp) / "shards"), out_dir=Path(tmp) / "prepared", progress=False)
+        report = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                  "python": platform.python_version(), "image_size": size, "n_train": index.count("train"),
+                  "n_test": index.count("test"), "models": {}}
         for name, mp in params.train.models.items():
             t0 = time.time()
-            res = train_model(name, mp, params.train, train, val, summary.classes, Path(tmp) / name, threads=4,
-                              progress=False)
+            res = train_branch(params, name, index, Path(tmp) / name, progress=False)
             model, _ = load_checkpoint(res.checkpoint_path)
-            logits = predict_logits(model.cuda(), test[0], res.input_spec, device="cuda")
+            test = score_split(model, index, "test", res.input_spec)
+            logits, labels = test.logits, test.labels
             report["models"][name] = {
                 "arch": mp.arch, "device": res.device, "epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
                 "seconds_per_epoch": [round(h["seconds"], 2) for h in res.history],
                 "val_accuracy": [round(h["val_accuracy"], 4) for h in res.history],
-                "test_accuracy": float((logits.argmax(1) == test[1]).mean()),
+                "test_accuracy": float((logits.argmax(1) == labels).mean()),
+                "images_per_second": [round(h.get("images_per_second", 0.0), 1) for h in res.history],
                 "wall_seconds": round(time.time() - t0, 1),
             }
             print(json.dumps({name: report["models"][name]}), flush=True)

@@ -19,7 +19,7 @@ BUNDLE=$($PY -c "import json,sys; print(json.load(open('$R/flow_real_report.json
 CHAMP=$($PY -c "import json,sys; print(json.load(open('$R/flow_real_report.json'))['champion'])")
 cp artifacts/prepared/manifest.csv "$R/real_manifest.csv"
 $PY -c "
-import torch; c = torch.load('artifacts/train/$(cat "$R/real_run_id")/$CHAMP/model.pt', weights_only=False)
+import torch; c = torch.load('artifacts/train/$(cat "$R/real_run_id")/$CHAMP/model.pt', weights_only=True)
 torch.save(c['state_dict'], '$R/model_state.pt')"
 
 # 1b. The behaviour checks on the real sample with this bundle (issue 7: per-class floor,

@@ -196,7 +196,9 @@ def export_card(bundle_path: str, metadata: Mapping[str, Any], registered: Mappi
         parts.append(Markdown("## INT8 accuracy gate\nan INT8 model is kept only if its test accuracy drops by at most "
                               f"**{gate.get('max_accuracy_drop')}** against FP32 of the same runtime "
                               f"({int8.get('calibration_images')} calibration images, {int8.get('eval_images')} test "
-                              f"images). Kept: **{', '.join(int8.get('passed') or []) or 'none'}**."))
+                              f"images, a stratified subset of {int8.get('eval_population', '?')}; "
+                              f"{_gate_precision(metadata)}). "
+                              f"Kept: **{', '.join(int8.get('passed') or []) or 'none'}**."))
         rows = []
         for runtime, res in int8.get("results", {}).items():
             m = metadata["metrics"].get(f"int8_{runtime}", {})
@@ -208,6 +210,14 @@ def export_card(bundle_path: str, metadata: Mapping[str, Any], registered: Mappi
         parts.append(Markdown(f"## Registry\nregistered `{registered['name']}` version **{registered['version']}** "
                               f"with alias `@{registered['alias']}` (`{registered['model_uri']}`)."))
     return parts
+
+
+def _gate_precision(metadata: Mapping[str, Any]) -> str:
+    """The INT8 gate's accuracy standard errors, in points (the gate can run on a subset)."""
+    ses = [f"{k.split('_', 1)[1]} ±{100 * m['accuracy_standard_error']:.2f} pt"
+           for k, m in metadata.get("metrics", {}).items()
+           if k.startswith("int8_") and isinstance(m, Mapping) and "accuracy_standard_error" in m]
+    return "INT8 accuracy standard error " + ", ".join(ses) if ses else "standard error not recorded"
 
 
 def _pretty(obj: Any) -> str:

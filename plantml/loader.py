@@ -178,8 +178,8 @@ def make_loader(index: sh.ShardIndex, split: str, batch_size: int, *, train: boo
         A ``torch.utils.data.DataLoader`` yielding ``(uint8 [B,H,W,3], int64 [B])`` (plus keys).
     """
     dataset = ShardStream(index.shard_uris(split), shuffle=train, seed=seed,
-                                     augment_factory=augment_factory if train else None, rank=rank, world=world,
-                                     buffer_size=buffer_size, epoch=epoch, with_key=with_key)
+                          augment_factory=augment_factory if train else None, rank=rank, world=world,
+                          buffer_size=buffer_size, epoch=epoch, with_key=with_key)
     kwargs: dict[str, Any] = {}
     if workers > 0:
         # forkserver: workers start from a clean process, not a fork of a threaded torch

@@ -273,8 +273,7 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
     from plantml import calibration as cal
     from plantml import ood
     from plantml import robustness as rob
-    from plantml.evaluation import (choose_champion, classification_metrics, plot_comparison, plot_confusion_matrix,
-                                    plot_roc, plot_training_curves)
+    from plantml.evaluation import choose_champion, classification_metrics, plot_comparison, plot_training_curves
     from plantml.training import load_checkpoint, measure_latency_ms
 
     if not results:
@@ -572,7 +571,7 @@ def export_champion(params: Params, report: Mapping[str, Any], train_result: Map
         x_calib = normalize_batch(np.stack([s.pixels for s in calib_samples]), spec)
         del calib_samples
         steps.append(int8_export_step(x_calib, x_gate, y_gate, params.export.int8.max_accuracy_drop,
-                                      threads=available_cores()))
+                                      threads=available_cores(), population=index.count("test")))
     steps.append(_reference_step(params, model, spec, index, rows, calib["temperature"], classes))
     calibration = {"temperature": calib["temperature"], "abstain_threshold": calib["abstain_threshold"],
                    "target_precision": params.calibration.target_precision}

@@ -82,10 +82,13 @@ def evaluate(runner: Runner, images: np.ndarray, labels: np.ndarray, batch_size:
     """Accuracy and macro-F1 of ``runner`` on a labelled, preprocessed set."""
     pred = predict_labels(runner, images, batch_size)
     labels = np.asarray(labels)
+    acc = float(np.mean(pred == labels)) if len(labels) else 0.0
     return {
-        "accuracy": float(np.mean(pred == labels)) if len(labels) else 0.0,
+        "accuracy": acc,
         "macro_f1": macro_f1(labels, pred),
         "n": int(len(labels)),
+        # binomial standard error: the gate may run on a capped subset of a large test split
+        "accuracy_standard_error": float(np.sqrt(acc * (1 - acc) / len(labels))) if len(labels) else float("nan"),
     }
 
 
@@ -327,6 +330,7 @@ def int8_export_step(
     eval_labels: np.ndarray,
     max_accuracy_drop: float,
     threads: int = 2,
+    population: int | None = None,
 ) -> Callable[[Any, dict[str, Any]], None]:
     """Build the INT8 step for :func:`plantml.export.export_bundle` (``extra_steps``).
 
@@ -346,6 +350,8 @@ def int8_export_step(
         eval_labels: their class indices (in the bundle's class order).
         max_accuracy_drop: largest tolerated ``fp32 - int8`` accuracy (a fraction, 0.01 = 1 point).
         threads: inference threads for the accuracy runs (latency is always 1 thread).
+        population: size of the test split ``eval_images`` were drawn from (recorded with
+            the subset size so a reader can judge the gate's precision).
 
     Raises:
         ValueError: at construction, for malformed inputs (so a flow fails before training
@@ -365,6 +371,7 @@ def int8_export_step(
 
     def step(writer: Any, metadata: dict[str, Any]) -> None:
         _run_int8_step(writer, metadata, calib, evx, evy, float(max_accuracy_drop), threads)
+        metadata["int8"]["eval_population"] = int(population if population is not None else len(evx))
 
     return step
 

@@ -189,7 +189,9 @@ def on_exit(server):
 
 
 def child_exit(server, worker):
-    """Master: a worker died; drop its live gauges from the multiprocess metrics."""
+    """Master: a worker died; drop its live gauges and any unready mark it left."""
     from serving.metrics import mark_worker_dead
+    from serving.predictor import forget_unready_worker
 
     mark_worker_dead(worker.pid)
+    forget_unready_worker(worker.pid)

@@ -43,17 +43,20 @@ _WORKER_PREDICTOR: "Predictor | None" = None
 _WORKER_LOAD_ERROR: str | None = None
 
 
-def _shared_counter() -> Any:
-    """An integer in anonymous shared memory: made in the gunicorn master, seen by every forked worker."""
+def _shared_ints(n: int) -> Any:
+    """Integers in anonymous shared memory: made in the gunicorn master, seen by every forked worker."""
     import multiprocessing
 
-    return multiprocessing.RawValue("i", 0)
+    return multiprocessing.RawArray("i", n)
 
 
-#: Set once any worker has loaded the model (shared across the fork).
-_BOOTED = _shared_counter()
-#: Workers currently up without a model (shared across the fork); ``/ready`` is 503 while > 0.
-_UNREADY_WORKERS = _shared_counter()
+#: ``[0]`` is set once any worker has loaded the model (shared across the fork).
+_BOOTED = _shared_ints(1)
+#: Pids of the workers that are up without a model (0 = free slot); ``/ready`` is 503 while
+#: any is set. Pids, not a counter: the master clears the slot of a worker that died
+#: without saying so (``child_exit``), so a killed unready worker cannot leave the server
+#: unready forever.
+_UNREADY_PIDS = _shared_ints(256)
 
 
 class ModelLoadError(RuntimeError):
@@ -394,23 +397,32 @@ def worker_predictor() -> Predictor | None:
 
 def mark_booted() -> None:
     """Record that a worker has loaded the model (from then on, load failures do not stop the server)."""
-    _BOOTED.value = 1
+    _BOOTED[0] = 1
 
 
 def first_boot_done() -> bool:
     """Whether any worker of this server has loaded the model before."""
-    return bool(_BOOTED.value)
+    return bool(_BOOTED[0])
 
 
 def set_worker_load_error(message: str | None) -> None:
     """Record (or clear, with ``None``) that this worker is up without a model, and why."""
     global _WORKER_LOAD_ERROR
-    was_unready = _WORKER_LOAD_ERROR is not None
     _WORKER_LOAD_ERROR = message
-    if message is not None and not was_unready:
-        _UNREADY_WORKERS.value += 1
-    elif message is None and was_unready:
-        _UNREADY_WORKERS.value = max(0, _UNREADY_WORKERS.value - 1)
+    if message is None:
+        forget_unready_worker(os.getpid())
+    elif os.getpid() not in _UNREADY_PIDS:
+        for i, pid in enumerate(_UNREADY_PIDS):
+            if pid == 0:
+                _UNREADY_PIDS[i] = os.getpid()
+                break
+
+
+def forget_unready_worker(pid: int) -> None:
+    """Clear a worker's unready mark (it loaded the model, or it is gone: gunicorn's ``child_exit``)."""
+    for i, value in enumerate(_UNREADY_PIDS):
+        if value == pid:
+            _UNREADY_PIDS[i] = 0
 
 
 def worker_load_error() -> str | None:
@@ -420,4 +432,4 @@ def worker_load_error() -> str | None:
 
 def unready_workers() -> int:
     """How many workers of this server are up without a model."""
-    return int(_UNREADY_WORKERS.value)
+    return sum(1 for pid in _UNREADY_PIDS if pid)

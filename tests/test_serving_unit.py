@@ -731,3 +731,22 @@ def test_new_settings_are_read_and_checked():
                        ({"PLANTML_MAX_REQUEST_MEGAPIXELS": "4"}, "below")):
         with pytest.raises(SettingsError, match=match):
             Settings.from_env(env)
+
+
+def test_a_sibling_worker_without_a_model_makes_the_server_unready(client):
+    """After first boot, a worker that fails to load marks itself; /ready says 503 whichever worker answers,
+    and the mark goes when it recovers or dies (child_exit), so a killed worker cannot pin it."""
+    import os
+
+    from serving import predictor as predictor_module
+
+    assert client.get("/ready").status == 200
+    predictor_module.set_worker_load_error("sha256 mismatch for openvino/model.bin")
+    try:
+        r = client.get("/ready")
+        assert r.status == 503 and "could not load the model" in r.body["error"]
+        assert client.get("/v2/health/ready").status == 503
+    finally:
+        predictor_module.forget_unready_worker(os.getpid())  # what child_exit does for a dead worker
+        predictor_module._WORKER_LOAD_ERROR = None
+    assert client.get("/ready").status == 200

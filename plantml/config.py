@@ -188,7 +188,7 @@ class StepResources:
     """What one flow step asks of a cluster (Metaflow ``@resources``; ignored when local)."""
 
     cpu: int = 2
-    memory: int = 4000   # MB
+    memory: int = 4096   # MB
     gpu: int = 0
     disk: int = 10240    # MB (Kubernetes ephemeral storage)
 
@@ -204,10 +204,10 @@ class StepResources:
 
 @dataclass(frozen=True)
 class ResourcesParams:
-    prepare: StepResources = field(default_factory=lambda: StepResources(cpu=4, memory=4000, disk=20480))
-    train: StepResources = field(default_factory=lambda: StepResources(cpu=4, memory=8000))
-    evaluate: StepResources = field(default_factory=lambda: StepResources(cpu=4, memory=6000))
-    export: StepResources = field(default_factory=lambda: StepResources(cpu=2, memory=4000))
+    prepare: StepResources = field(default_factory=lambda: StepResources(cpu=4, memory=6144, disk=20480))
+    train: StepResources = field(default_factory=lambda: StepResources(cpu=4, memory=8192))
+    evaluate: StepResources = field(default_factory=lambda: StepResources(cpu=4, memory=8192))
+    export: StepResources = field(default_factory=lambda: StepResources(cpu=2, memory=6144))
 
 
 @dataclass(frozen=True)

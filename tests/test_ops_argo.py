@@ -155,16 +155,19 @@ def test_every_step_is_a_task_on_the_configured_image_and_identity(template):
         assert SETTINGS["METAFLOW_KUBERNETES_SECRETS"] in secrets, f"{name}: secret not mounted"
 
 
-def test_resources_decorators_become_pod_requests(template):
+def test_resources_from_params_become_pod_requests(template):
+    """Every heavy step's ``@resources`` come from params.yaml's ``resources`` section."""
+    from plantml.config import load_params
+
     containers = _containers(template)
-    declared = {name: res for name, res in flow_steps().items() if res}
-    assert "train" in declared, "the train step should declare @resources for remote runs"
-    for name, res in declared.items():
+    declared = load_params().resources
+    for name in ("prepare", "train", "evaluate", "export"):
+        res = getattr(declared, name)
+        assert "@resources(**RESOURCES." + name in FLOW.read_text(), f"{name} does not declare @resources"
         requests = containers[name]["container"]["resources"]["requests"]
-        if "cpu" in res:
-            assert float(requests["cpu"]) == res["cpu"], name
-        if "memory" in res:
-            assert _memory_mb(requests["memory"]) == pytest.approx(res["memory"]), name
+        assert float(requests["cpu"]) == res.cpu, name
+        assert _memory_mb(requests["memory"]) == pytest.approx(res.memory), name
+        assert _memory_mb(requests["ephemeral-storage"]) == pytest.approx(res.disk), name
 
 
 def test_code_package_is_in_the_s3_datastore(template, s3):

@@ -1,10 +1,18 @@
-"""Training: one function, :func:`train_model`, used by the Metaflow flow and the CLI.
+"""Training: :func:`train_model`, used by the Metaflow flow and the CLI.
 
-CPU by default, CUDA when present (``train.device: auto``). Seeded (python, numpy,
-torch). AdamW with a linear warm-up and cosine decay per step, label smoothing, early
-stopping on validation macro-F1 (the best epoch's weights are kept). Parallel branches
-share the machine's cores: each gets ``cores // branches`` torch threads so two branches
-on two cores do not oversubscribe.
+The data streams from the prepared shards (:mod:`plantml.loader`): an epoch is
+:func:`train_one_epoch` over a DataLoader, then :func:`validate`. CPU by default, CUDA
+when present (``train.device: auto``; bf16 autocast, pinned-memory batches). Seeded
+(python, numpy, torch; the loader's shuffle and augmentation from ``(seed, epoch)``).
+AdamW with a linear warm-up and cosine decay per step, label smoothing, early stopping
+on validation macro-F1 (the best epoch's weights are kept).
+
+After every epoch a checkpoint (weights, optimiser, scheduler, RNG, best-so-far,
+history) goes to ``checkpoint_uri`` in the run's store; a retried or resumed branch
+continues from the next epoch and gives the same numbers as an uninterrupted run.
+Parallel branches share the CPU quota: each gets ``cores // branches`` torch threads so
+two branches on two cores do not oversubscribe. Data-parallel ranks
+(:mod:`plantml.distributed`) pass a :class:`DistributedContext`.
 """
 
 from __future__ import annotations
@@ -94,20 +102,6 @@ def normalize_batch(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     std = np.asarray(spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
     x = images.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
     return np.ascontiguousarray((x - mean) / std)
-
-
-def predict_logits(model: Any, images: np.ndarray, spec: InputSpec, batch_size: int = 64, device: str = "cpu"):
-    """Logits for ``uint8 [N,H,W,3]`` images already resized to ``spec.size``."""
-    import torch
-
-    model.eval()
-    outs = []
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(normalize_batch(images[i:i + batch_size], spec)).to(device)
-            outs.append(model(x).float().cpu().numpy())
-    n_classes = outs[0].shape[1] if outs else 0
-    return np.concatenate(outs) if outs else np.zeros((0, n_classes), dtype=np.float32)
 
 
 def _param_groups(model: Any, lr: float, weight_decay: float) -> list[dict[str, Any]]:

@@ -25,28 +25,25 @@ is loaded. A bad request never yields a 500.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
-import math
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from flask import Flask, Response, jsonify, render_template, request
-from PIL import Image
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from plantml.preprocess import ImageDecodeError, finish_decode, open_image, preprocess_image, top_k
+from plantml.preprocess import top_k
 
-from serving.drift_feed import DriftFeed, shrink_for_stats
-from serving.limits import PixelGate, trim_heap
+from serving.limits import trim_heap
 from serving.metrics import REQUEST_BUCKETS, ServingMetrics
-from serving.predictor import (ModelLoadError, Predictor, build_predictor, set_worker_load_error, unready_workers,
-                               worker_load_error, worker_predictor)
+from serving.oip import register_oip_routes
+from serving.predictor import (ModelLoadError, Predictor, build_predictor, set_worker_load_error, worker_load_error,
+                               worker_predictor)
+from serving.service import (TRIM_AFTER_PIXELS, ClientError, PreparedImage, ServiceState, not_ready_reason,
+                             prepare_image, read_body)
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,64 +53,6 @@ RAW_BODY_TYPES = ("application/octet-stream",)
 #: Methods answered by the app at all. Anything else is refused by :class:`MethodFilter`
 #: before Flask sees it, so a made-up method never becomes a metrics label.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT"})
-#: After a request that decoded at least this many pixels, give freed heap back to the OS.
-TRIM_AFTER_PIXELS = 2_000_000
-
-
-class ClientError(Exception):
-    """A request the client got wrong; becomes a JSON error with ``status``."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
-
-
-@dataclass
-class PreparedImage:
-    """One upload reduced to what the rest of the request needs (the full image is gone)."""
-
-    tensor: np.ndarray  # CHW float32, the model input
-    size: tuple[int, int]  # decoded width, height
-    thumbnail: Image.Image | None  # the drift feed's 128-px thumbnail, when the feed is on
-
-
-@dataclass
-class ServiceState:
-    """Per-app state: settings, the model (once loaded), metrics and the drift feed."""
-
-    settings: Settings
-    metrics: ServingMetrics
-    predictor: Predictor | None = None
-    drift: DriftFeed | None = None
-    load_error: str | None = None
-    started: float = field(default_factory=time.time)
-    gate: PixelGate | None = None
-
-    def __post_init__(self) -> None:
-        if self.gate is None:
-            self.gate = PixelGate(self.settings.max_image_pixels)
-
-    def set_predictor(self, predictor: Predictor) -> None:
-        """Install a loaded model: readiness, model-info gauge and drift feed follow it."""
-        self.predictor = predictor
-        self.load_error = None
-        self.metrics.set_model(predictor.name, predictor.version, predictor.runtime, predictor.precision)
-        if self.settings.drift_log is not None:
-            if self.drift is not None:
-                self.drift.close()
-            self.drift = DriftFeed(
-                self.settings.drift_log, model_name=predictor.name, model_version=predictor.version,
-                max_bytes=int(self.settings.drift_log_max_mb * 1024 * 1024), backups=self.settings.drift_log_backups,
-                on_drop=self.metrics.drift_dropped.inc,
-            )
-
-    def require_predictor(self) -> Predictor:
-        if self.predictor is None:
-            detail = f": {self.load_error}" if self.load_error else ""
-            raise ClientError(503, "not_ready", "model not loaded yet" + detail)
-        return self.predictor
 
 
 def create_app(settings: Settings | None = None, predictor: Predictor | None = None, *,
@@ -156,7 +95,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
 
     _register_errors(app, state)
     _register_core_routes(app, state, exporter)
-    _register_oip_routes(app, state)
+    register_oip_routes(app, state)
     app.wsgi_app = MethodFilter(app.wsgi_app, state)  # type: ignore[method-assign]
     return app
 
@@ -183,16 +122,6 @@ def _start_reload_retries(state: ServiceState) -> threading.Thread:
     thread = threading.Thread(target=retry, name="model-reload", daemon=True)
     thread.start()
     return thread
-
-
-def _not_ready_reason(state: ServiceState) -> str | None:
-    """Why the server is not ready (this worker without a model, or a sibling worker), or ``None``."""
-    if state.predictor is None:
-        return "model not loaded" + (f": {state.load_error}" if state.load_error else "")
-    others = unready_workers()
-    if others:
-        return f"{others} worker(s) of this server could not load the model (see the server log)"
-    return None
 
 
 class MethodFilter:
@@ -304,7 +233,7 @@ def _read_uploads(fields: tuple[str, ...], max_images: int) -> list[tuple[str | 
                               f"{len(parts)} images in one request; the limit is {max_images} (PLANTML_MAX_IMAGES)")
         return [(p.filename or None, p.read()) for p in parts]
     if mimetype.startswith("image/") or mimetype in RAW_BODY_TYPES:
-        return [(None, _read_body())]
+        return [(None, read_body())]
     if not mimetype and not request.content_length and not request.headers.get("Transfer-Encoding"):
         raise ClientError(400, "empty", "empty request: send an image as multipart field 'file' or as an image/* body")
     raise ClientError(
@@ -314,56 +243,8 @@ def _read_uploads(fields: tuple[str, ...], max_images: int) -> list[tuple[str | 
     )
 
 
-def _read_body() -> bytes:
-    """The whole request body, refusing one over the limit even without a Content-Length.
-
-    With ``Transfer-Encoding: chunked`` werkzeug's stream stops *at* the limit rather than
-    failing, so a 12 MB chunked upload would be cut to 10 MB and answered; one more read
-    tells the two apart.
-    """
-    stream = request.stream
-    limit = request.max_content_length
-    data = stream.read() if limit is None else stream.read(limit)
-    if limit is not None and len(data) >= limit and stream.read(1):
-        raise RequestEntityTooLarge()
-    return data
-
-
 def _which(i: int, name: str | None, count: int) -> str:
     return f"image {i}" + (f" ({name})" if name else "") if count > 1 or name else "image"
-
-
-def _prepare_one(state: ServiceState, spec: Any, data: bytes, label: str, budget_left: int) -> PreparedImage:
-    """Decode one upload and reduce it to its model input (and drift thumbnail).
-
-    The header is checked first (per-image pixel and aspect limits, then the request's
-    remaining pixel budget); the decode then waits for room in the worker's
-    :class:`~serving.limits.PixelGate`. The full-size image lives only inside this call.
-
-    Raises:
-        ClientError: 400 for a bad or over-limit image, 413 over the request's pixel budget.
-    """
-    try:
-        img = open_image(data, max_pixels=state.settings.max_image_pixels)
-    except ImageDecodeError as exc:
-        raise ClientError(400, exc.reason, f"{label}: {exc}") from exc
-    pixels = img.width * img.height
-    if pixels > budget_left:
-        raise ClientError(413, "too_many_pixels",
-                          f"{label}: the request's images add up to more than "
-                          f"{state.settings.max_request_megapixels:g} megapixels (PLANTML_MAX_REQUEST_MEGAPIXELS); "
-                          "send fewer or smaller images per request")
-    with state.gate.reserve(pixels):
-        try:
-            rgb = finish_decode(img)  # may be ``img`` itself (an upright RGB file)
-        except ImageDecodeError as exc:
-            raise ClientError(400, exc.reason, f"{label}: {exc}") from exc
-        del img
-        tensor = preprocess_image(rgb, spec)
-        size = rgb.size
-        thumbnail = shrink_for_stats(rgb) if state.drift is not None else None
-        del rgb
-    return PreparedImage(tensor=tensor, size=size, thumbnail=thumbnail)
 
 
 def _prepare_all(state: ServiceState, spec: Any, uploads: list[tuple[str | None, bytes]]) -> list[PreparedImage]:
@@ -373,7 +254,7 @@ def _prepare_all(state: ServiceState, spec: Any, uploads: list[tuple[str | None,
     decoded = 0
     try:
         for i, (name, data) in enumerate(uploads):
-            item = _prepare_one(state, spec, data, _which(i, name, len(uploads)), budget_left)
+            item = prepare_image(state, spec, data, _which(i, name, len(uploads)), budget_left)
             pixels = item.size[0] * item.size[1]
             budget_left -= pixels
             decoded += pixels
@@ -493,7 +374,7 @@ def _register_core_routes(app: Flask, state: ServiceState, exporter: Any) -> Non
 
     @app.get("/ready")
     def ready():
-        reason = _not_ready_reason(state)
+        reason = not_ready_reason(state)
         if reason is not None:
             return _error(503, reason, "not_ready")
         return jsonify({"status": "ready", "model": state.predictor.describe()})
@@ -541,229 +422,6 @@ def _public_model_info(state: ServiceState, predictor: Predictor) -> dict[str, A
         "max_request_megapixels": state.settings.max_request_megapixels,
     }
     return info
-
-
-# --------------------------------------------------------------------------- OIP v2
-
-
-def _check_model_name(state: ServiceState, name: str, version: str | None = None) -> Predictor:
-    predictor = state.require_predictor()
-    if name != predictor.name:
-        raise ClientError(404, "model_not_found", f"model {name!r} not found; this server serves {predictor.name!r}")
-    if version is not None and version != predictor.version:
-        raise ClientError(404, "model_not_found", f"version {version!r} of {name!r} not found; "
-                                                  f"this server serves version {predictor.version!r}")
-    return predictor
-
-
-def _oip_metadata(predictor: Predictor) -> dict[str, Any]:
-    s, c = predictor.spec.size, len(predictor.classes)
-    return {
-        "name": predictor.name,
-        "versions": [predictor.version],
-        "platform": f"{predictor.runtime}_{predictor.precision}",
-        "inputs": [
-            {"name": "input", "datatype": "FP32", "shape": [-1, 3, s, s]},
-            {"name": "image", "datatype": "BYTES", "shape": [-1]},
-        ],
-        "outputs": [
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, c]},
-            {"name": "label", "datatype": "BYTES", "shape": [-1]},
-            {"name": "confidence", "datatype": "FP32", "shape": [-1]},
-            {"name": "abstained", "datatype": "BOOL", "shape": [-1]},
-            *([{"name": "ood_score", "datatype": "FP32", "shape": [-1]}]
-              if predictor.ood_threshold is not None else []),
-        ],
-        "parameters": {"classes": predictor.classes},
-    }
-
-
-def _parse_infer_request() -> dict[str, Any]:
-    mimetype = (request.mimetype or "").lower()
-    if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
-        raise ClientError(415, "unsupported_media_type",
-                          f"unsupported Content-Type {mimetype!r}: the v2 infer endpoint takes application/json")
-    raw = _read_body()
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ClientError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ClientError(400, "bad_tensor", "inference request must be a JSON object with an 'inputs' list")
-    inputs = body.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise ClientError(400, "bad_tensor", "inference request needs a non-empty 'inputs' list")
-    if len(inputs) != 1:
-        raise ClientError(400, "bad_tensor", f"expected exactly one input tensor, got {len(inputs)}")
-    if not isinstance(inputs[0], dict):
-        raise ClientError(400, "bad_tensor", "each input tensor must be an object with name, shape, datatype, data")
-    return body
-
-
-def _tensor_shape(tensor: dict[str, Any]) -> list[int]:
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and not isinstance(d, bool)
-                                                           and d >= 0 for d in shape):
-        raise ClientError(400, "bad_tensor", f"input 'shape' must be a list of non-negative integers, got {shape!r}")
-    return shape
-
-
-def _b64_image(item: Any, i: int) -> bytes:
-    if isinstance(item, dict) and isinstance(item.get("b64"), str):
-        item = item["b64"]
-    if not isinstance(item, str):
-        raise ClientError(400, "bad_tensor", f"BYTES element {i} must be a base64 string")
-    if item.startswith("data:") and "," in item:
-        item = item.split(",", 1)[1]
-    try:
-        return base64.b64decode(item + "=" * (-len(item) % 4), altchars=b"-_" if ("-" in item or "_" in item) else None,
-                                validate=True)
-    except (binascii.Error, ValueError):
-        raise ClientError(400, "bad_tensor", f"BYTES element {i} is not valid base64") from None
-
-
-def _oip_images(state: ServiceState, predictor: Predictor, tensor: dict[str, Any],
-                shape: list[int]) -> list[PreparedImage]:
-    data = tensor.get("data")
-    if len(shape) == 2 and shape[1] == 1:
-        shape = [shape[0]]
-    if len(shape) != 1:
-        raise ClientError(400, "bad_tensor", f"a BYTES image tensor has shape [N], got {shape}")
-    n = shape[0]
-    if not isinstance(data, list) or len(data) != n:
-        got = len(data) if isinstance(data, list) else type(data).__name__
-        raise ClientError(400, "bad_tensor", f"BYTES tensor of shape [{n}] needs {n} data elements, got {got}")
-    _check_count(state, n)
-    budget_left = state.settings.max_request_pixels
-    prepared: list[PreparedImage] = []
-    try:
-        for i, item in enumerate(data):
-            one = _prepare_one(state, predictor.spec, _b64_image(item, i), f"input[{i}]", budget_left)
-            budget_left -= one.size[0] * one.size[1]
-            prepared.append(one)
-    finally:
-        if state.settings.max_request_pixels - budget_left >= TRIM_AFTER_PIXELS:
-            trim_heap()
-    return prepared
-
-
-def _oip_array(state: ServiceState, predictor: Predictor, tensor: dict[str, Any], shape: list[int]) -> np.ndarray:
-    s = predictor.spec.size
-    if len(shape) != 4 or shape[1:] != [3, s, s]:
-        raise ClientError(400, "bad_tensor", f"FP32 input must have shape [N, 3, {s}, {s}], got {shape}")
-    _check_count(state, shape[0])
-    data = tensor.get("data")
-    if not isinstance(data, list):
-        raise ClientError(400, "bad_tensor", "FP32 input 'data' must be a (flat or nested) list of numbers")
-    try:
-        arr = np.asarray(data, dtype=np.float32)
-    except (ValueError, TypeError):
-        raise ClientError(400, "bad_tensor",
-                          "FP32 input 'data' must contain only numbers (and be rectangular)") from None
-    if arr.size != math.prod(shape):
-        raise ClientError(400, "bad_tensor",
-                          f"FP32 input has {arr.size} values; shape {shape} needs {math.prod(shape)}")
-    if not np.isfinite(arr).all():
-        raise ClientError(400, "bad_tensor", "FP32 input contains NaN or infinity")
-    return arr.reshape(shape)
-
-
-def _check_count(state: ServiceState, n: int) -> None:
-    if n < 1:
-        raise ClientError(400, "bad_tensor", "input tensor holds no images (batch size 0)")
-    if n > state.settings.max_images:
-        raise ClientError(400, "too_many_images",
-                          f"{n} images in one request; the limit is {state.settings.max_images} (PLANTML_MAX_IMAGES)")
-
-
-def _oip_infer(state: ServiceState, name: str, version: str | None) -> dict[str, Any]:
-    predictor = _check_model_name(state, name, version)
-    body = _parse_infer_request()
-    tensor = body["inputs"][0]
-    datatype = str(tensor.get("datatype", "")).upper()
-    shape = _tensor_shape(tensor)
-    images: list[PreparedImage] | None = None
-    if datatype == "BYTES":
-        images = _oip_images(state, predictor, tensor, shape)
-        result = predictor.forward(np.stack([im.tensor for im in images]))
-    elif datatype == "FP32":
-        result = predictor.forward(_oip_array(state, predictor, tensor, shape))
-    else:
-        raise ClientError(400, "bad_tensor",
-                          f"unsupported input datatype {tensor.get('datatype')!r}: use BYTES (encoded images) or FP32")
-    state.metrics.inference_seconds.observe(result.inference_seconds)
-    state.metrics.batch_size.observe(len(result.probabilities))
-    probs = result.probabilities
-    idx = probs.argmax(axis=1)
-    labels = [predictor.classes[i] for i in idx]
-    conf = probs[np.arange(len(idx)), idx].astype(np.float32)
-    abstained = [bool(a) for a in result.abstained]
-    state.metrics.observe_predictions(labels, [float(c) for c in conf], abstained)
-    if images is not None and state.drift is not None:
-        for img, label, c, a in zip(images, labels, conf, abstained):
-            if img.thumbnail is not None:
-                state.drift.submit(img.thumbnail, label, float(c), a, size=img.size)
-    n = len(labels)
-    outputs = {
-        "probabilities": {"name": "probabilities", "datatype": "FP32", "shape": [n, probs.shape[1]],
-                          "data": [float(v) for v in probs.reshape(-1)]},
-        "label": {"name": "label", "datatype": "BYTES", "shape": [n], "data": labels},
-        "confidence": {"name": "confidence", "datatype": "FP32", "shape": [n], "data": [float(c) for c in conf]},
-        "abstained": {"name": "abstained", "datatype": "BOOL", "shape": [n], "data": abstained},
-    }
-    if result.ood_scores is not None:
-        outputs["ood_score"] = {"name": "ood_score", "datatype": "FP32", "shape": [n],
-                                "data": [float(v) for v in result.ood_scores]}
-    wanted = body.get("outputs")
-    if wanted is not None:
-        if not isinstance(wanted, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
-                                                   for o in wanted):
-            raise ClientError(400, "bad_tensor", "'outputs' must be a list of {\"name\": ...} objects")
-        unknown = [o["name"] for o in wanted if o["name"] not in outputs]
-        if unknown:
-            raise ClientError(400, "bad_tensor",
-                              f"unknown output(s) {unknown}; available: {', '.join(outputs)}")
-        selected = [outputs[o["name"]] for o in wanted]
-    else:
-        selected = list(outputs.values())
-    answer: dict[str, Any] = {"model_name": predictor.name, "model_version": predictor.version, "outputs": selected}
-    if isinstance(body.get("id"), str):
-        answer = {"id": body["id"], **answer}
-    return answer
-
-
-def _register_oip_routes(app: Flask, state: ServiceState) -> None:
-    @app.get("/v2")
-    def oip_server():
-        from plantml import __version__
-
-        return jsonify({"name": "plantml", "version": __version__, "extensions": []})
-
-    @app.get("/v2/health/live")
-    def oip_live():
-        return jsonify({"live": True})
-
-    @app.get("/v2/health/ready")
-    def oip_ready():
-        if _not_ready_reason(state) is not None:
-            return jsonify({"ready": False}), 503
-        return jsonify({"ready": True})
-
-    @app.get("/v2/models/<name>")
-    @app.get("/v2/models/<name>/versions/<version>")
-    def oip_model(name: str, version: str | None = None):
-        return jsonify(_oip_metadata(_check_model_name(state, name, version)))
-
-    @app.get("/v2/models/<name>/ready")
-    @app.get("/v2/models/<name>/versions/<version>/ready")
-    def oip_model_ready(name: str, version: str | None = None):
-        predictor = _check_model_name(state, name, version)
-        return jsonify({"name": predictor.name, "ready": True})
-
-    @app.post("/v2/models/<name>/infer")
-    @app.post("/v2/models/<name>/versions/<version>/infer")
-    def oip_infer(name: str, version: str | None = None):
-        return jsonify(_oip_infer(state, name, version))
 
 
 __all__ = ["create_app", "ClientError", "ServiceState", "ModelLoadError"]

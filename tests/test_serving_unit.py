@@ -694,7 +694,7 @@ def test_chunked_body_over_the_limit_is_413(tiny_bundle, predictor):
 def test_request_pixel_budget_and_one_image_at_a_time(tiny_bundle, predictor, monkeypatch):
     from tests.serving_support import multipart, png_bytes
 
-    import serving.app as serving_app
+    import serving.service as serving_app
 
     app = create_app(Settings(bundle=tiny_bundle, max_image_megapixels=1, max_request_megapixels=2.5),
                      predictor=predictor)

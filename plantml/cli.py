@@ -7,6 +7,8 @@
     plantml evaluate                            # -> artifacts/eval/{metrics.json,report.json,plots/}
     plantml export --out artifacts/bundle       # -> a bundle directory (atomic), optionally registered
     plantml drift --bundle B --current PATH     # drift report (see docs/drift.md)
+    plantml schema [--out params.schema.json]   # the JSON schema of params.yaml (from plantml.config)
+    plantml --version
 
 Every command takes ``--params FILE`` and repeatable ``--set key=value`` overrides, reads
 the same ``params.yaml`` as the Metaflow flow, and calls the same :mod:`plantml.pipeline`
@@ -24,7 +26,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from plantml.config import Params, ParamsError, load_params, parse_override
+from plantml import __version__
+from plantml.config import Params, ParamsError, load_params, parse_override, schema_text
 
 log = logging.getLogger("plantml")
 
@@ -159,8 +162,23 @@ def cmd_drift(args: argparse.Namespace) -> int:
     return run_drift_cli(args)
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    """Print (or write) the JSON schema of params.yaml generated from :mod:`plantml.config`."""
+    text = schema_text()
+    if args.out:
+        tmp = Path(f"{args.out}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, args.out)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``plantml`` argument parser (every option carries a help text; a test checks it)."""
     parser = argparse.ArgumentParser(prog="plantml", description="plant-leaf disease pipeline stages")
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -198,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError as exc:  # the drift extra (evidently) is not installed
         p.set_defaults(_drift_unavailable=str(exc))
     p.set_defaults(func=cmd_drift)
+
+    p = sub.add_parser("schema", help="print the JSON schema of params.yaml (generated from plantml.config)")
+    p.add_argument("--out", default=None, help="write it to this file (atomically) instead of stdout")
+    p.set_defaults(func=cmd_schema)
     return parser
 
 

@@ -65,3 +65,50 @@ def test_prepare_reports_skips(tiny_dataset, tmp_path):
 @pytest.mark.parametrize("cmd", ["prepare", "train", "evaluate", "export", "drift"])
 def test_help(cmd):
     assert run_cli(cmd, "--help").returncode == 0
+
+
+def _walk_actions(parser, path="plantml"):
+    """Every (command path, action) of the parser and its subparsers."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _walk_actions(sub, f"{path} {name}")
+        else:
+            yield path, action
+
+
+def test_every_option_has_help():
+    """Issue 14: help text on every CLI option of every subcommand (drift's options included)."""
+    import argparse
+
+    from plantml.cli import build_parser
+
+    actions = list(_walk_actions(build_parser()))
+    commands = {path for path, _ in actions}
+    assert {"plantml prepare", "plantml train", "plantml evaluate", "plantml export", "plantml drift",
+            "plantml schema"} <= commands
+    missing = [f"{path} {'/'.join(a.option_strings) or a.dest}" for path, a in actions
+               if not isinstance(a, argparse._HelpAction) and (not a.help or a.help == argparse.SUPPRESS)]
+    assert not missing, f"options without help: {missing}"
+
+
+def test_version():
+    from plantml import __version__
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"plantml {__version__}"
+
+
+def test_schema_command_writes_the_checked_in_schema(tmp_path):
+    from plantml.config import SCHEMA_PATH
+
+    out = tmp_path / "schema.json"
+    assert run_cli("schema", "--out", str(out)).returncode == 0
+    assert out.read_text() == SCHEMA_PATH.read_text()
+
+
+def test_bad_param_value_is_one_line(tmp_path):
+    proc = run_cli("prepare", "--set", "train.models.cnn.arch=resnet9000")
+    _assert_one_line_error(proc, "train.models.cnn.arch must be one of")

@@ -30,7 +30,8 @@ def test_bad_values_name_the_key(override, match):
 
 
 def test_overrides_and_nested_models():
-    p = load_params(overrides=dict([parse_override("train.epochs=2"), parse_override("train.models.cnn.arch=tiny_cnn")]))
+    p = load_params(overrides=dict([parse_override("train.epochs=2"),
+                                    parse_override("train.models.cnn.arch=tiny_cnn")]))
     assert p.train.epochs == 2 and p.train.models["cnn"].arch == "tiny_cnn"
 
 
@@ -43,3 +44,97 @@ def test_params_are_frozen():
     p = params_from_dict({})
     with pytest.raises(Exception):
         p.train.epochs = 5  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- issue 14: every key declared
+
+@pytest.mark.parametrize("override,match", [
+    # the values issue 14 found accepted
+    ({"drift.threshold_share": 5}, r"drift\.threshold_share must be in \(0, 1\], got 5"),
+    ({"robustness.severities": [7, 0]}, r"robustness\.severities\[0\] must be in \[1, 5\], got 7"),
+    ({"export.int8.max_accuracy_drop": -1}, r"export\.int8\.max_accuracy_drop must be in \[0, 1\], got -1"),
+    ({"export.opset": 3}, r"export\.opset must be in \[17, 23\], got 3"),
+    ({"train.patience": -4}, r"train\.patience must be >= 1, got -4"),
+    ({"train.models.cnn.lr": -1}, r"train\.models\.cnn\.lr must be in \(0, 1\], got -1"),
+    ({"train.models.cnn.arch": "resnet9000"},
+     r"train\.models\.cnn\.arch must be one of .*efficientnet_lite0.* \(the model registry\), got 'resnet9000'"),
+    # more of the declaration
+    ({"robustness.severities": []}, r"robustness\.severities must have at least 1 item"),
+    ({"data.split": [0.7, 0.3]}, r"data\.split must be a list of 3 items"),
+    ({"train.label_smoothing": 1.0}, r"train\.label_smoothing must be in \[0, 1\)"),
+    ({"train.distributed.backend": "mpi"}, r"train\.distributed\.backend must be one of auto, gloo, nccl"),
+    ({"train.models": {}}, r"train\.models must have at least 1 item"),
+    ({"train.models": {"a b": {"arch": "tiny_cnn"}}}, r"train\.models keys must match"),
+    ({"resources.train.cpu": 0}, r"resources\.train\.cpu must be >= 1, got 0"),
+    ({"registry.alias": "latest"}, r"registry\.alias must match"),
+    ({"calibration.target_precision": float("nan")}, r"calibration\.target_precision must be a finite number"),
+    ({"train.epochs": None}, r"train\.epochs must not be null"),
+    ({"data.max_images_per_class": 0}, r"data\.max_images_per_class must be >= 1, got 0"),
+])
+def test_every_rule_names_the_key(override, match):
+    with pytest.raises(ParamsError, match=match):
+        load_params(overrides=override)
+
+
+def test_bad_value_in_a_file_is_rejected_at_load(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("train:\n  models:\n    cnn: {arch: resnet9000, lr: 0.001}\n")
+    with pytest.raises(ParamsError, match=r"train\.models\.cnn\.arch must be one of"):
+        load_params(f)
+
+
+def test_every_field_is_declared_with_a_description():
+    """No parameter without a description and a rule entry (the schema is only as good as this)."""
+    import dataclasses
+
+    from plantml.config import Params, rule_of
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            assert rule_of(f).doc, f"{key} has no description"
+            hint = typing.get_type_hints(cls)[f.name]
+            inner = typing.get_args(hint)[1] if typing.get_origin(hint) is dict else hint
+            if dataclasses.is_dataclass(inner):
+                yield from walk(inner, f"{key}.")
+            yield key
+
+    import typing
+
+    keys = list(walk(Params, ""))
+    assert "train.models" in keys and "export.int8.max_accuracy_drop" in keys and "arch" in " ".join(keys)
+
+
+def test_arch_check_does_not_import_torch():
+    """Checking names against the model registry keeps plantml.config torch-free."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    code = ("import sys; from plantml.config import load_params; load_params();"
+            "sys.exit(int('torch' in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT).returncode == 0
+
+
+def test_checked_in_schema_is_generated_and_params_yaml_validates():
+    """params.schema.json == the schema generated from plantml.config (`make schema` refreshes it)."""
+    import json
+
+    import jsonschema
+    import yaml
+
+    from plantml.config import DEFAULT_PARAMS_PATH, SCHEMA_PATH, params_json_schema, schema_text
+
+    assert SCHEMA_PATH.read_text() == schema_text(), "params.schema.json is stale: run `make schema`"
+    schema = json.loads(SCHEMA_PATH.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(params_json_schema())
+    assert not list(validator.iter_errors(yaml.safe_load(DEFAULT_PARAMS_PATH.read_text())))
+    # the schema rejects what the loader rejects
+    bad = yaml.safe_load(DEFAULT_PARAMS_PATH.read_text())
+    bad["drift"]["threshold_share"] = 5
+    bad["train"]["models"]["cnn"]["arch"] = "resnet9000"
+    bad["train"]["epocs"] = 3
+    paths = {"/".join(map(str, e.absolute_path)) for e in validator.iter_errors(bad)}
+    assert {"drift/threshold_share", "train/models/cnn/arch", "train"} <= paths

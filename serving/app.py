@@ -49,6 +49,8 @@ from serving.settings import Settings
 log = logging.getLogger(__name__)
 
 LEGACY_TOP = 5  # the predecessor service always listed five classes in top5_predictions
+#: What the legacy ``prediction`` field says when the model abstains (see :func:`_legacy_fields`).
+UNCERTAIN = "uncertain"
 RAW_BODY_TYPES = ("application/octet-stream",)
 #: Methods answered by the app at all. Anything else is refused by :class:`MethodFilter`
 #: before Flask sees it, so a made-up method never becomes a metrics label.
@@ -309,13 +311,31 @@ def _predict(state: ServiceState, images: list[PreparedImage], k: int) -> tuple[
     return out, result.inference_seconds
 
 
-def _legacy_fields(p: dict[str, Any]) -> dict[str, Any]:
-    """The predecessor FastAPI service's per-image fields."""
-    return {
-        "prediction": p["label"],
-        "confidence": p["confidence"],
-        "top5_predictions": [{"class": t["label"], "confidence": t["confidence"]} for t in p["_legacy_top"]],
-    }
+def _legacy_fields(p: dict[str, Any], shares_confidence: bool = False) -> dict[str, Any]:
+    """The predecessor FastAPI service's per-image fields, with abstention made visible.
+
+    Such a client shows ``prediction`` and ``confidence`` (and perhaps the top-5 list) and
+    knows nothing of ``abstained``; so when the model abstains, ``prediction`` is
+    :data:`UNCERTAIN`, ``confidence`` 0.0 and ``top5_predictions`` starts with
+    :data:`UNCERTAIN` (same length as otherwise), while ``best_guess`` keeps the model's
+    top-1 and ``abstained`` / ``abstain_reason`` say why.
+
+    Args:
+        p: one item of :func:`_predict`.
+        shares_confidence: the item's ``confidence`` is also a field of the new schema
+            (``/predict_batch`` items), which stays the model's confidence.
+    """
+    top = [{"class": t["label"], "confidence": t["confidence"]} for t in p["_legacy_top"]]
+    fields: dict[str, Any] = {"prediction": p["label"], "confidence": p["confidence"], "top5_predictions": top}
+    if p["abstained"]:
+        fields["prediction"] = UNCERTAIN
+        if not shares_confidence:
+            fields["confidence"] = 0.0
+        fields["top5_predictions"] = [{"class": UNCERTAIN, "confidence": 0.0}, *top[:len(top) - 1]]
+        fields["best_guess"] = {"class": p["label"], "confidence": p["confidence"]}
+    fields["abstained"] = p["abstained"]
+    fields["abstain_reason"] = p["abstain_reason"]
+    return fields
 
 
 def _prediction_response(state: ServiceState, fields: tuple[str, ...], legacy_each: bool) -> dict[str, Any]:
@@ -331,7 +351,7 @@ def _prediction_response(state: ServiceState, fields: tuple[str, ...], legacy_ea
         if name:
             item["filename"] = name
         if legacy_each:
-            item.update(_legacy_fields(p))
+            item.update(_legacy_fields(p, shares_confidence=True))
         items.append(item)
     body: dict[str, Any] = {"predictions": items, "model": predictor.describe()}
     if len(preds) == 1 and not legacy_each:

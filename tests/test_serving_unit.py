@@ -15,10 +15,10 @@ import pytest
 
 try:  # tests/ may or may not be a package
     from tests.conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image
-    from tests.serving_support import REPO_ROOT, Client, clean_env, metric, parse_metrics
+    from tests.serving_support import REPO_ROOT, Client, clean_env, metric, multipart, parse_metrics
 except ImportError:  # pragma: no cover
     from conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image
-    from serving_support import REPO_ROOT, Client, clean_env, metric, parse_metrics
+    from serving_support import REPO_ROOT, Client, clean_env, metric, multipart, parse_metrics
 
 from serving.app import create_app
 from serving.predictor import ModelLoadError, Predictor, build_predictor
@@ -215,8 +215,42 @@ def test_abstains_under_threshold_and_counts_it(tiny_bundle):
     c = Client(flask_client=create_app(Settings(bundle=tiny_bundle), predictor=p).test_client())
     r = c.request("POST", "/predict", leaf(LABELS[0]), "image/jpeg")
     assert r.status == 200 and r.body["predictions"][0]["abstained"] is True
-    assert r.body["prediction"] == LABELS[0]
+    assert r.body["predictions"][0]["label"] == LABELS[0]  # the new fields keep the model's answer
+    assert r.body["prediction"] == "uncertain" and r.body["best_guess"]["class"] == LABELS[0]
     assert metric(parse_metrics(c.get("/metrics").body), "plantml_abstained_total") == 1
+
+
+def test_abstention_is_visible_in_the_legacy_fields(scored_bundle):
+    """Issue 14 item 8: a predecessor-API client sees "uncertain", not a confident wrong class."""
+    try:
+        from tests.conftest import noise_image
+    except ImportError:  # pragma: no cover
+        from conftest import noise_image
+    c = Client(flask_client=create_app(Settings(bundle=scored_bundle)).test_client())
+    odd = jpeg_bytes(noise_image(seed=9))
+    r = c.request("POST", "/predict", odd, "image/jpeg")
+    assert r.status == 200
+    (p,) = r.body["predictions"]
+    assert p["abstained"] is True and p["abstain_reason"] == "out_of_distribution"
+    assert p["label"] in TINY_CLASSES and p["confidence"] > 0  # new fields unchanged
+    legacy = r.body
+    assert legacy["prediction"] == "uncertain" and legacy["confidence"] == 0.0
+    assert legacy["top5_predictions"][0] == {"class": "uncertain", "confidence": 0.0}
+    assert len(legacy["top5_predictions"]) == 3 and legacy["top5_predictions"][1]["class"] == p["label"]
+    assert legacy["best_guess"] == {"class": p["label"], "confidence": p["confidence"]}
+    assert legacy["abstained"] is True and legacy["abstain_reason"] == "out_of_distribution"
+    # an answered image: the legacy fields are the model's answer, as before
+    good = c.request("POST", "/predict", leaf("Apple___scab", seed=5), "image/jpeg").body
+    assert good["prediction"] == "Apple___scab" and good["confidence"] == good["predictions"][0]["confidence"]
+    assert good["abstained"] is False and "best_guess" not in good
+    # /predict_batch items: legacy fields per item; the shared 'confidence' key stays the model's
+    body, ctype = multipart([("files", "odd.jpg", odd, "image/jpeg"),
+                             ("files", "leaf.jpg", leaf("Apple___scab", seed=5), "image/jpeg")])
+    odd_item, good_item = c.request("POST", "/predict_batch", body, ctype).body["predictions"]
+    assert odd_item["prediction"] == "uncertain" and odd_item["label"] == p["label"]
+    assert odd_item["confidence"] == p["confidence"] and odd_item["best_guess"]["class"] == p["label"]
+    assert odd_item["top5_predictions"][0]["class"] == "uncertain"
+    assert good_item["prediction"] == "Apple___scab" and "best_guess" not in good_item
 
 
 # --------------------------------------------------------------------------- info endpoints

@@ -147,7 +147,7 @@ class PlantDiseaseFlow(FlowSpec):
     @step
     def evaluate(self, inputs):
         """Test metrics, CNN vs ViT, champion, calibration, robustness; MLflow runs; quality gates."""
-        from plantml.pipeline import enforce_quality_gates, evaluate_models, repo_path
+        from plantml.pipeline import enforce_quality_gates, evaluate_models, publish_latest_evaluation, repo_path
         from plantml.registry import log_branch_run
         from plantml.storage import join
 
@@ -172,6 +172,9 @@ class PlantDiseaseFlow(FlowSpec):
         report = evaluate_models(params, self.train_results, checkpoints, self._index(),
                                  repo_path(params.evaluate.out_dir) / current.run_id, is_demo=self.summary["is_demo"],
                                  store=join(run_store(self), "eval"))
+        # also as the latest metrics/plots beside the per-run folder: `dvc metrics show` / `dvc plots show`
+        eval_dir = repo_path(params.evaluate.out_dir)
+        publish_latest_evaluation(eval_dir / current.run_id, eval_dir)
         self.report = report
         self.champion = report["champion"]
         self.mlflow_run_ids = {}

@@ -510,6 +510,37 @@ def _write_plot_tables(report: Mapping[str, Any], plots: Path) -> None:
             w.writerow([pc["class"], pc["precision"], pc["recall"], pc["f1"], pc["support"]])
 
 
+#: The evaluate stage's files that ``dvc.yaml`` declares as metrics and plots (relative to
+#: ``evaluate.out_dir``); ``metrics.json`` last, so a reader that sees new metrics sees new plots.
+DVC_EVAL_FILES = ("plots/confusion.csv", "plots/per_class.csv", "plots/training_curves.png", "plots/comparison.png",
+                  "plots/robustness.png", "plots/coverage_accuracy.png", "metrics.json")
+
+
+def publish_latest_evaluation(run_dir: str | os.PathLike[str], latest_dir: str | os.PathLike[str]) -> list[Path]:
+    """Copy a flow run's DVC metrics and plots to ``latest_dir`` (the paths ``dvc.yaml`` declares).
+
+    The flow evaluates into ``evaluate.out_dir/<run_id>/``; this puts the same files beside
+    the per-run folders, so ``dvc metrics show`` and ``dvc plots show`` show the latest
+    evaluation, whether the flow or ``dvc repro`` made it. Each file is replaced atomically.
+
+    Returns:
+        The files written.
+    """
+    import shutil
+
+    written = []
+    for rel in DVC_EVAL_FILES:
+        src, dst = Path(run_dir) / rel, Path(latest_dir) / rel
+        if not src.is_file():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        written.append(dst)
+    return written
+
+
 # --------------------------------------------------------------------------- export
 
 

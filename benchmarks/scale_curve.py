@@ -59,13 +59,20 @@ def derive_dataset(sample: Path, n: int, out: Path, seed: int = 0) -> None:
 
 
 class TreeSampler(threading.Thread):
-    """Peak RSS of a process tree: of the sum, and per flow step (children count to their step)."""
+    """Peak memory of a process tree: of the sum, and per flow step (children count to their step).
+
+    Two measures: RSS counts a shared library once *per process* that maps it (torch's
+    ~0.6 GB of libraries twice when two branches run); PSS splits shared pages among the
+    processes that share them, so the sum of PSS is what the run really occupies (what a
+    cgroup / pod memory limit sees, less page cache).
+    """
 
     def __init__(self, root_pid: int, interval: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.root = psutil.Process(root_pid)
         self.interval = interval
         self.peak_total = 0
+        self.peak_pss_total = 0
         self.peak_step: dict[str, int] = defaultdict(int)
         self.stop = threading.Event()
 
@@ -87,15 +94,17 @@ class TreeSampler(threading.Thread):
                 procs = [self.root, *self.root.children(recursive=True)]
             except psutil.Error:
                 break
-            total = 0
+            total = pss_total = 0
             per_step: dict[str, int] = defaultdict(int)
             step_of: dict[int, str] = {}
             for p in procs:
                 try:
-                    rss = p.memory_info().rss
+                    info = p.memory_full_info()
+                    rss = info.rss
                 except psutil.Error:
                     continue
                 total += rss
+                pss_total += getattr(info, "pss", rss)
                 step = self._step_of(p)
                 if step is None:
                     try:
@@ -106,6 +115,7 @@ class TreeSampler(threading.Thread):
                     step_of[p.pid] = step
                     per_step[step] += rss
             self.peak_total = max(self.peak_total, total)
+            self.peak_pss_total = max(self.peak_pss_total, pss_total)
             for s, v in per_step.items():
                 self.peak_step[s] = max(self.peak_step[s], v)
             time.sleep(self.interval)
@@ -154,6 +164,7 @@ def run_one(n: int, sample: Path, scratch: Path, extra: list[str]) -> dict:
     steps = step_times((work / "run_id").read_text().strip(), env, work)
     shards = sum(f.stat().st_size for f in work.rglob("*.tar"))
     return {"n": n, "wall_s": wall, "steps_s": steps, "peak_rss_total_mb": sampler.peak_total / 2**20,
+            "peak_pss_total_mb": sampler.peak_pss_total / 2**20,
             "peak_rss_step_mb": {k: v / 2**20 for k, v in sampler.peak_step.items()},
             "shard_bytes": shards}
 
@@ -180,14 +191,15 @@ def write_report(results: list[dict], out: Path) -> None:
     info = machine()
     lines = [f"Machine: {info['model']}, {info['cores']} cores, flags {' '.join(info['flags'])}", "",
              "| N images | wall | prepare | train (both branches) | evaluate | export | s per 1k images | "
-             "peak RSS, whole run | peak RSS train | shards |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "peak PSS, whole run | peak RSS sum, whole run | peak RSS train step (2 branches) | shards |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         s = r["steps_s"]
         lines.append(
             f"| {r['n']:,} | {r['wall_s'] / 60:.1f} min | {s.get('prepare', 0):.0f} s | {s.get('train', 0):.0f} s | "
             f"{s.get('evaluate', 0):.0f} s | {s.get('export', 0):.0f} s | {1000 * r['wall_s'] / r['n']:.0f} | "
-            f"{r['peak_rss_total_mb'] / 1024:.2f} GB | {r['peak_rss_step_mb'].get('train', 0) / 1024:.2f} GB | "
+            f"{r.get('peak_pss_total_mb', float('nan')) / 1024:.2f} GB | {r['peak_rss_total_mb'] / 1024:.2f} GB | "
+            f"{r['peak_rss_step_mb'].get('train', 0) / 1024:.2f} GB | "
             f"{r['shard_bytes'] / 2**30:.2f} GB |")
     (out / "scale.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -197,7 +209,9 @@ def write_report(results: list[dict], out: Path) -> None:
     axes[0].plot(ns, [r["wall_s"] for r in results], marker="o", color="k", label="whole run")
     axes[0].set(xlabel="images", ylabel="seconds", title="wall time per step")
     axes[0].legend()
-    axes[1].plot(ns, [r["peak_rss_total_mb"] / 1024 for r in results], marker="o", label="whole run (sum)")
+    axes[1].plot(ns, [r.get("peak_pss_total_mb", float("nan")) / 1024 for r in results], marker="o",
+                 label="whole run, PSS sum")
+    axes[1].plot(ns, [r["peak_rss_total_mb"] / 1024 for r in results], marker="o", label="whole run, RSS sum")
     axes[1].plot(ns, [r["peak_rss_step_mb"].get("train", 0) / 1024 for r in results], marker="o", label="train step")
     axes[1].axhline(3.0, color="r", linestyle="--", label="3 GB bar")
     axes[1].set(xlabel="images", ylabel="GB", title="peak resident memory", ylim=(0, None))

@@ -221,7 +221,9 @@ def _read_uploads(fields: tuple[str, ...], max_images: int) -> list[tuple[str | 
     """
     mimetype = (request.mimetype or "").lower()
     if mimetype == "multipart/form-data":
-        parts = [f for name in fields for f in request.files.getlist(name)]
+        # a file input left empty is sent as a part with no filename and no bytes (the
+        # upload page's camera input when the photos came from the picker): nothing chosen
+        parts = [f for name in fields for f in request.files.getlist(name) if not _unchosen(f)]
         if not parts:
             as_text = [name for name in fields if name in request.form]
             if as_text:
@@ -243,6 +245,15 @@ def _read_uploads(fields: tuple[str, ...], max_images: int) -> list[tuple[str | 
         f"unsupported Content-Type {mimetype or '(none)'!r}: send multipart/form-data with field "
         f"{fields[0]!r} or a raw image/* body",
     )
+
+
+def _unchosen(part: Any) -> bool:
+    """A multipart file part of an input the user left empty (no filename, no bytes)."""
+    if part.filename:
+        return False
+    head = part.stream.read(1)
+    part.stream.seek(0)
+    return not head
 
 
 def _which(i: int, name: str | None, count: int) -> str:

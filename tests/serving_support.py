@@ -256,6 +256,75 @@ class GunicornServer:
         self.stop()
 
 
+class PrefixProxy:
+    """A loopback reverse proxy that serves ``upstream`` under ``prefix``, as a rewriting ingress does.
+
+    ``http://127.0.0.1:PORT/plantml/x`` is forwarded to ``upstream + "/x"``; any path
+    outside the prefix is answered 404 here and recorded in ``outside``, so a page that
+    builds an absolute URL shows up. Bounded: one upstream, a 30 s timeout per request.
+    """
+
+    HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host",
+                  "proxy-connection", "content-length"}
+
+    def __init__(self, upstream: str, prefix: str = "/plantml") -> None:
+        self.upstream = upstream.rstrip("/")
+        self.prefix = prefix.rstrip("/")
+        self.seen: list[str] = []
+        self.outside: list[str] = []
+        self._server: Any = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}{self.prefix}"
+
+    def __enter__(self) -> "PrefixProxy":
+        import http.server
+        import threading
+        import urllib.error
+        import urllib.request
+
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                if not self.path.startswith(proxy.prefix + "/"):
+                    proxy.outside.append(self.path)
+                    self.send_error(404, "outside the ingress prefix")
+                    return
+                proxy.seen.append(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy.HOP_BY_HOP}
+                req = urllib.request.Request(proxy.upstream + self.path[len(proxy.prefix):], data=body,
+                                             headers=headers, method=self.command)
+                try:
+                    resp = urllib.request.urlopen(req, timeout=30)
+                except urllib.error.HTTPError as err:
+                    resp = err
+                payload = resp.read()
+                self.send_response(resp.status if hasattr(resp, "status") else resp.code)
+                for k, v in resp.headers.items():
+                    if k.lower() not in proxy.HOP_BY_HOP:
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = _forward
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, name="prefix-proxy", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 # --------------------------------------------------------------------------- metrics
 
 

@@ -377,7 +377,12 @@ def test_upload_page_is_self_contained(client, app):
     r = client.get("/")
     assert r.status == 200 and "text/html" in r.content_type
     html = r.body
-    assert '<input id="file" name="file" type="file"' in html and "tiny-test-model" in html
+    assert '<input id="file" class="picker" name="file" type="file" accept="image/*" multiple>' in html
+    assert 'capture="environment"' in html and "tiny-test-model" in html
+    # relative URLs only, so the page works behind an ingress path prefix
+    import re
+
+    assert not re.findall(r'(?:src|href|action)="/', html), re.findall(r'(?:src|href|action)="[^"]*"', html)
     static_dir = Path(app.static_folder)
     for text in [html] + [p.read_text() for p in static_dir.iterdir()]:
         assert "http://" not in text and "https://" not in text and "//cdn" not in text
@@ -390,6 +395,15 @@ def test_upload_page_works_without_javascript(client):
     assert r.status == 200 and 'data-label="Tomato___Late_blight"' in r.body
     r = client.post_files("/", [("x.jpg", b"not an image")])
     assert r.status == 400 and 'id="error"' in r.body and "not an image" in r.body
+    # the form's camera input left empty arrives as a part with no filename and no bytes: skipped
+    body, ctype = multipart([("file", "", b"", "application/octet-stream"),
+                             ("file", "a.jpg", leaf("Apple___scab"), "image/jpeg"),
+                             ("file", "b.jpg", leaf("Tomato___healthy"), "image/jpeg")])
+    r = client.request("POST", "/", body, ctype)
+    assert r.status == 200 and r.body.count('class="card') == 2
+    assert r.body.index('data-label="Apple___scab"') < r.body.index('data-label="Tomato___healthy"')
+    r = client.request("POST", "/predict", *multipart([("file", "", b"", "application/octet-stream")]))
+    assert r.status == 400 and r.body["reason"] == "no_file"
 
 
 # --------------------------------------------------------------------------- drift feed

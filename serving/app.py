@@ -1,4 +1,4 @@
-"""The Flask application: prediction endpoints, health, metrics, OIP v2 and an upload page.
+"""The Flask application: prediction endpoints, health, metrics and the upload page.
 
 ``create_app(settings=None, predictor=None)`` is the factory. Under gunicorn the
 predictor is built by the ``post_fork`` hook (one per worker, after the fork) and picked
@@ -10,12 +10,13 @@ Endpoints (see ``docs/serving.md`` for examples):
 * ``POST /predict_batch`` - multipart field ``files`` (the predecessor service's batch call).
 * ``GET /health``, ``GET /ready``, ``GET /classes``, ``GET /model`` (= ``/model/info``),
   ``GET /metrics``.
-* KServe Open Inference Protocol v2 REST: ``GET /v2``, ``/v2/health/live``,
-  ``/v2/health/ready``, ``/v2/models/<name>[/versions/<v>]``, ``.../ready``,
-  ``POST .../infer`` with a BYTES tensor of base64-encoded images or an FP32 ``[N,3,H,W]``
-  tensor.
-* ``GET /`` - an upload page (no external assets); ``POST /`` renders an answer without
-  JavaScript.
+* KServe Open Inference Protocol v2 REST (``GET /v2``, ``/v2/health/*``,
+  ``/v2/models/<name>...``), registered from :mod:`serving.oip`.
+* ``GET /`` - an upload page (no external assets, relative URLs); ``POST /`` renders the
+  answers without JavaScript.
+
+A single-image answer also carries the predecessor service's fields; when the model
+abstains they say ``"uncertain"`` (see :func:`_legacy_fields`).
 
 Errors are JSON ``{"error": "...", "reason": "..."}``: 400 for a corrupt, truncated,
 non-image or oversized-dimension upload and for malformed requests, 413 over the body

@@ -121,7 +121,7 @@ def test_binary_request_json_answer_and_per_output_choice(flask_app):
     assert r.get_json()["outputs"][1]["data"] == [LABELS[1]]
 
 
-def test_binary_fp32_equals_bytes_and_base64_text_in_binary(flask_app):
+def test_binary_fp32_uint8_bytes_and_base64_text_agree(flask_app):
     from plantml.preprocess import decode_image, preprocess_image
 
     spec = flask_app.extensions["plantml"].predictor.spec
@@ -129,8 +129,12 @@ def test_binary_fp32_equals_bytes_and_base64_text_in_binary(flask_app):
     arr = preprocess_image(decode_image(jpeg), spec)[None].astype("<f4")
     raw = arr.tobytes()
     fp32 = {"name": "input", "shape": list(arr.shape), "datatype": "FP32", "parameters": {"binary_data_size": len(raw)}}
+    pixels = np.asarray(decode_image(jpeg), dtype=np.uint8)[None]
+    uint8 = {"name": "pixels", "shape": list(pixels.shape), "datatype": "UINT8",
+             "parameters": {"binary_data_size": pixels.size}}
     answers = []
-    for tensor, blob in [(fp32, raw), bytes_input([jpeg]), bytes_input([base64.b64encode(jpeg)])]:
+    for tensor, blob in [(fp32, raw), bytes_input([jpeg]), bytes_input([base64.b64encode(jpeg)]),
+                         (uint8, pixels.tobytes())]:
         body, headers = binary_body({"inputs": [tensor], "outputs": [
             {"name": "probabilities", "parameters": {"binary_data": True}}]}, blob)
         r = post(flask_app, body, headers)
@@ -138,6 +142,13 @@ def test_binary_fp32_equals_bytes_and_base64_text_in_binary(flask_app):
         answers.append(triton_result(r.get_data(), r.headers).as_numpy("probabilities"))
     np.testing.assert_allclose(answers[0], answers[1], atol=1e-6)
     np.testing.assert_allclose(answers[1], answers[2], atol=0)
+    np.testing.assert_allclose(answers[1], answers[3], atol=0)  # decoded RGB pixels == the encoded image
+    # UINT8 pixels as JSON too
+    small = np.asarray(decode_image(jpeg).resize((8, 6)), dtype=np.uint8)[None]
+    body = json.dumps({"inputs": [{"name": "pixels", "shape": list(small.shape), "datatype": "UINT8",
+                                   "data": small.reshape(-1).tolist()}]}).encode()
+    r = post(flask_app, body, {"Content-Type": "application/json"})
+    assert r.status_code == 200 and r.get_json()["outputs"][1]["data"] == [LABELS[2]], r.get_data(as_text=True)
     assert LABELS[int(answers[0].argmax())] == LABELS[2]
 
 
@@ -175,6 +186,12 @@ def test_classification_extension(flask_app):
                               np.full(3 * 32 * 32, np.nan, "<f4").tobytes())),
     ("count_mismatch", *binary_body({"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES",
                                                 "parameters": {"binary_data_size": 4}}]}, struct.pack("<I", 0))),
+    ("uint8_not_rgb", *binary_body({"inputs": [{"name": "pixels", "shape": [1, 4, 4, 4], "datatype": "UINT8",
+                                               "parameters": {"binary_data_size": 64}}]}, b"\0" * 64)),
+    ("uint8_wrong_bytes", *binary_body({"inputs": [{"name": "pixels", "shape": [1, 4, 4, 3], "datatype": "UINT8",
+                                                   "parameters": {"binary_data_size": 40}}]}, b"\0" * 40)),
+    ("uint8_json_out_of_range", json.dumps({"inputs": [{"name": "pixels", "shape": [1, 1, 1, 3], "datatype": "UINT8",
+                                                        "data": [0, 300, 0]}]}).encode(), {}),
     ("no_data_at_all", b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES"}]}', {}),
     ("not_an_image", *binary_body({"inputs": [NOT_IMAGE[0]]}, NOT_IMAGE[1])),
 ])
@@ -193,6 +210,7 @@ def test_platform_named_as_triton(tiny_bundle):
         c = Client(flask_client=create_app(settings, predictor=build_predictor(settings)).test_client())
         meta = c.get("/v2/models/tiny-test-model").body
         assert meta["platform"] == expected and meta["parameters"]["precision"] == "fp32"
+        assert [i["datatype"] for i in meta["inputs"]] == ["FP32", "BYTES", "UINT8"]
     assert "binary_tensor_data" in c.get("/v2").body["extensions"]
 
 

@@ -6,6 +6,7 @@ Usage::
     plantml-edge predict --precision int8 --threads 1 --format csv photos/ > results.csv
     plantml-edge bench --bundle bundle/ --threads 1                  # latency percentiles
     plantml-edge info --bundle bundle/                               # bundle metadata
+    plantml-edge info --bundle bundle/ --model-card                  # the model card (Markdown)
 
 ``--bundle`` defaults to ``$PLANTML_BUNDLE``. Exit status: 0 when every image was
 classified, 1 when at least one file could not be read (its line carries ``error``), 2
@@ -74,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--image", default=None, help="time on this image (default: a fixed synthetic input)")
     b.add_argument("--format", choices=("table", "json"), default="table")
 
-    i = sub.add_parser("info", help="print the bundle's metadata as JSON")
+    i = sub.add_parser("info", help="print the bundle's metadata (with its model card) as JSON")
     common(i, model_opts=False)
+    i.add_argument("--model-card", action="store_true", help="print only the bundle's MODEL_CARD.md (Markdown)")
 
     sub.add_parser("version", help="versions of plantml-edge and of the runtimes it can load (imports each)")
     return parser
@@ -298,6 +300,7 @@ def _bench_table(results: list[dict[str, Any]]) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the bundle's metadata (verified) plus what this installation can run."""
     from plantml.bundle import load_bundle
+    from plantml.model_card import read_model_card
 
     from edge.runtime import installed_runtimes
 
@@ -315,6 +318,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         "lineage": meta.get("lineage", {}),
         "installed_runtimes": installed_runtimes(),
     }
+    if getattr(args, "model_card", False):
+        print(read_model_card(bundle) or "(this bundle has no model card: exported before model cards existed)")
+        return EXIT_OK
+    info["model_card"] = read_model_card(bundle)
     print(json.dumps(info, indent=2))
     return EXIT_OK
 

@@ -166,8 +166,9 @@ def evaluate_card(report: Mapping[str, Any], train_errors: Mapping[str, str]) ->
     return parts
 
 
-def export_card(bundle_path: str, metadata: Mapping[str, Any], registered: Mapping[str, Any] | None) -> list[Any]:
-    """Formats, sizes, parity errors, INT8 gate, registry entry."""
+def export_card(bundle_path: str, metadata: Mapping[str, Any], registered: Mapping[str, Any] | None,
+                model_card: str | None = None) -> list[Any]:
+    """Formats, sizes, parity errors, INT8 gate, registry entry, and the bundle's model card."""
     parts: list[Any] = banner(bool(metadata["metrics"].get("is_demo_data")))
     parts.append(Markdown(f"# Export\nbundle `{bundle_path}` — `{metadata['name']}` version `{metadata['version']}`, "
                           f"architecture `{metadata['architecture']}`, input {metadata['input']['size']} px."))
@@ -209,6 +210,8 @@ def export_card(bundle_path: str, metadata: Mapping[str, Any], registered: Mappi
     if registered:
         parts.append(Markdown(f"## Registry\nregistered `{registered['name']}` version **{registered['version']}** "
                               f"with alias `@{registered['alias']}` (`{registered['model_uri']}`)."))
+    if model_card:
+        parts.append(Markdown(model_card))
     return parts
 
 

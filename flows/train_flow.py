@@ -216,7 +216,8 @@ class PlantDiseaseFlow(FlowSpec):
                 params, self.report, self.train_results[name], str(ckpt), self._index(),
                 lineage={"metaflow_flow": current.flow_name, "metaflow_run_id": current.run_id,
                          "mlflow_run_id": self.mlflow_run_ids[name], "mlflow_parent_run_id": self.mlflow_parent_run_id,
-                         "data_manifest_sha256": self.summary["manifest_sha256"], "data_root": self.summary["root"]})
+                         "data_manifest_sha256": self.summary["manifest_sha256"], "data_root": self.summary["root"]},
+                data_summary=self.summary)
         self.bundle_path = str(path)
         self.bundle_metadata = metadata
         self.registered = register_bundle(
@@ -224,7 +225,8 @@ class PlantDiseaseFlow(FlowSpec):
             run_id=self.mlflow_run_ids[name], tracking_uri=params.registry.tracking_uri,
             tags={"metaflow_run_id": current.run_id, "architecture": metadata["architecture"],
                   "bundle_version": metadata["version"], "demo_data": str(self.summary["is_demo"])})
-        for part in cards.export_card(self.bundle_path, metadata, self.registered):
+        model_card = (Path(path) / metadata["model_card"]).read_text() if metadata.get("model_card") else None
+        for part in cards.export_card(self.bundle_path, metadata, self.registered, model_card):
             current.card.append(part)
         self.next(self.end)
 

@@ -22,6 +22,7 @@ from plantml import storage
 from plantml.config import Params
 from plantml.data import (DatasetSummary, ManifestRow, PixelStaging, prepare_dataset, read_manifest_bytes, rows_for,
                           save_prepared, write_shards)
+from plantml.model_card import model_card_step
 from plantml.preprocess import InputSpec, decode_image, preprocess_batch, softmax
 from plantml.resources import available_cores, resolve_loader_workers, resolve_threads
 
@@ -547,11 +548,12 @@ def publish_latest_evaluation(run_dir: str | os.PathLike[str], latest_dir: str |
 def export_champion(params: Params, report: Mapping[str, Any], train_result: Mapping[str, Any], checkpoint: str,
                     index: sh.ShardIndex, lineage: Mapping[str, Any],
                     out_root: str | os.PathLike[str] | None = None,
-                    progress: bool = True) -> tuple[Path, dict[str, Any]]:
+                    progress: bool = True, data_summary: Mapping[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
     """Export the champion to a bundle: ONNX + OpenVINO FP32 (parity-checked), INT8 behind the
     accuracy gate, drift reference statistics, calibration and metrics.
 
-    Everything comes from the checkpoint, the report and the shard store: the OOD
+    The bundle also gets ``MODEL_CARD.md`` (:mod:`plantml.model_card`) from the metadata and
+    ``data_summary``. Everything comes from the checkpoint, the report and the shard store: the OOD
     detector is read from ``report["ood"]["detector_uri"]``, never from the evaluate
     step's disk. The INT8 gate and the drift reference use stratified test subsets of at
     most ``export.int8.max_eval_images`` / ``export.max_reference_images`` images (the
@@ -604,6 +606,7 @@ def export_champion(params: Params, report: Mapping[str, Any], train_result: Map
         steps.append(int8_export_step(x_calib, x_gate, y_gate, params.export.int8.max_accuracy_drop,
                                       threads=available_cores(), population=index.count("test")))
     steps.append(_reference_step(params, model, spec, index, rows, calib["temperature"], classes))
+    steps.append(model_card_step(data_summary))  # last: it reports what the steps before measured
     calibration = {"temperature": calib["temperature"], "abstain_threshold": calib["abstain_threshold"],
                    "target_precision": params.calibration.target_precision}
     if ood_report:

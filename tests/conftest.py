@@ -107,6 +107,7 @@ def _train_tiny_model(classes: list[str], size: int):
 def tiny_bundle(tmp_path_factory) -> Path:
     """A real exported bundle (ONNX FP32 + OpenVINO FP32) of a tiny CNN, 32x32 inputs."""
     from plantml.export import export_bundle
+    from plantml.model_card import model_card_step
     from plantml.preprocess import InputSpec
 
     classes = list(TINY_CLASSES)
@@ -120,6 +121,8 @@ def tiny_bundle(tmp_path_factory) -> Path:
         lineage={"metaflow_run_id": None, "mlflow_run_id": None, "data_manifest_sha256": "test"},
         calibration={"temperature": 1.0, "abstain_threshold": 0.0},
         version="1",
+        extra_steps=[model_card_step({"n_images": 60, "root": "synthetic tiny leaves", "is_demo": False,
+                                      "counts": {c: {"train": 14, "val": 4, "test": 2} for c in classes}})],
     )
     return path
 

@@ -128,7 +128,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                "data_root": summary.root, "git_commit": git_commit(), "produced_by": "plantml export"}
     staging = Path(args.out).resolve().parent / f".staging-{os.getpid()}" if args.out else None
     path, metadata = export_champion(params, report, results[name], checkpoints[name], index, lineage,
-                                     out_root=staging, progress=not args.quiet)
+                                     out_root=staging, progress=not args.quiet, data_summary=summary.to_dict())
     if args.out:
         path = _replace_dir(path, Path(args.out).resolve())
         shutil.rmtree(staging, ignore_errors=True)

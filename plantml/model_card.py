@@ -63,21 +63,25 @@ def render_model_card(metadata: Mapping[str, Any], data_summary: Mapping[str, An
         "| measure | value |", "|---|---|",
         f"| accuracy | {_num(fp32.get('accuracy'), 4)} |",
         f"| macro-F1 | {_num(fp32.get('macro_f1'), 4)} |",
-        f"| expected calibration error (after temperature {_num(cal.get('temperature'))}) | {_num(m.get('ece'), 4)} |",
+        f"| expected calibration error (after temperature {_num(cal.get('temperature'))}) | "
+        f"{_num(m.get('ece'), 4)} |",
         f"| answered (coverage) at the abstention rule | {_pct(m.get('coverage_at_threshold'))} |",
         f"| accuracy on answered images | {_num(m.get('accuracy_at_threshold'), 4)} |",
         f"| generated non-leaf images abstained | {_pct(m.get('non_leaf_abstain_rate'))} |",
-        f"| background-only baseline (border pixels alone) | {_num(m.get('background_baseline', {}).get('accuracy'))} |",
+        f"| background-only baseline (border pixels alone) | "
+        f"{_num(m.get('background_baseline', {}).get('accuracy'))} |",
     ]
     for runtime in ("openvino", "onnxruntime"):
         q = m.get(f"int8_{runtime}")
         if q:
+            drop = q.get("accuracy_drop")
             lines.append(f"| INT8 {runtime}: kept / accuracy drop | {q.get('kept')} / "
-                         f"{_num(100 * q['accuracy_drop'] if isinstance(q.get('accuracy_drop'), float) else None, 2)} pt |")
+                         f"{_num(100 * drop if isinstance(drop, float) else None, 2)} pt |")
     by_domain = m.get("by_domain") or {}
     if by_domain:
         lines += ["", "### Per kind of photo", "| domain | accuracy | macro-F1 |", "|---|---|---|"]
-        lines += [f"| {d} | {_num(v.get('accuracy'), 4)} | {_num(v.get('macro_f1'), 4)} |" for d, v in by_domain.items()]
+        lines += [f"| {d} | {_num(v.get('accuracy'), 4)} | {_num(v.get('macro_f1'), 4)} |"
+                  for d, v in by_domain.items()]
     lines += [
         "", "## Abstention",
         f"The service, the edge CLI and the MLflow model abstain (`abstained: true`, with a reason) when the "

@@ -548,7 +548,8 @@ def publish_latest_evaluation(run_dir: str | os.PathLike[str], latest_dir: str |
 def export_champion(params: Params, report: Mapping[str, Any], train_result: Mapping[str, Any], checkpoint: str,
                     index: sh.ShardIndex, lineage: Mapping[str, Any],
                     out_root: str | os.PathLike[str] | None = None,
-                    progress: bool = True, data_summary: Mapping[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+                    progress: bool = True,
+                    data_summary: Mapping[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
     """Export the champion to a bundle: ONNX + OpenVINO FP32 (parity-checked), INT8 behind the
     accuracy gate, drift reference statistics, calibration and metrics.
 

@@ -15,15 +15,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.moto_support import moto_s3_server
 
 pytestmark = pytest.mark.integration
 
@@ -45,40 +44,11 @@ print(json.dumps(out))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
-    """moto's S3 server on loopback with one bucket: ``(endpoint, boto3 client)``."""
-    pytest.importorskip("moto")
-    boto3 = pytest.importorskip("boto3")
-    tmp = tmp_path_factory.mktemp("moto-flow")
-    port = _free_port()
-    log = open(tmp / "moto.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], cwd=tmp,
-                            stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                          region_name="us-east-1")
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.create_bucket(Bucket=BUCKET)
-                break
-            except Exception:  # noqa: BLE001 - server still starting
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto S3 server did not start:\n{(tmp / 'moto.log').read_text()[-2000:]}")
-                time.sleep(0.3)
-        yield endpoint, client
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
+    """moto's S3 server on loopback with one bucket; yields (endpoint, boto3 client)."""
+    with moto_s3_server(tmp_path_factory.mktemp("moto-flow"), BUCKET) as server:
+        yield server
 
 
 def _env(tmp: Path, endpoint: str) -> dict[str, str]:

@@ -493,7 +493,7 @@ class BadCase:
     id: str
     build: Callable[[bytes], tuple[str, bytes, str | None]]  # good jpeg -> (path, body, content type)
     status: int
-    reason: str | None
+    reason: str  # the specific ``reason`` code the JSON error must carry
 
 
 def _mp(field: str, data: bytes, name: str = "leaf.jpg", ctype: str = "image/jpeg") -> tuple[bytes, str]:
@@ -543,12 +543,13 @@ def bad_cases(max_images: int = 32, max_upload_mb: float = 10, size: int = 32) -
             [("file", "good.jpg", j, "image/jpeg"), ("file", "bad.jpg", b"nope", "image/jpeg")])), 400, "not_image"),
         BadCase("malformed_multipart", lambda j: (
             "/predict", b"--xyz\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nabc",
-            "multipart/form-data; boundary=abc"), 400, None),
+            "multipart/form-data; boundary=abc"), 400, "no_file"),
         BadCase("bad_top_k", lambda j: ("/predict?top_k=zero", j, "image/jpeg"), 400, "bad_parameter"),
         BadCase("top_k_out_of_range", lambda j: ("/predict?top_k=99", j, "image/jpeg"), 400, "bad_parameter"),
         BadCase("oip_malformed_json", lambda j: _infer(b'{"inputs": [', raw=True), 400, "malformed_json"),
         BadCase("oip_not_utf8", lambda j: _infer(b"\xff\xfe\x00{", raw=True), 400, "malformed_json"),
-        BadCase("oip_deeply_nested", lambda j: _infer(b"[" * 100000 + b"]" * 100000, raw=True), 400, None),
+        BadCase("oip_deeply_nested", lambda j: _infer(b"[" * 100000 + b"]" * 100000, raw=True), 400,
+                "malformed_json"),
         BadCase("oip_json_array", lambda j: _infer([1, 2, 3]), 400, "bad_tensor"),
         BadCase("oip_no_inputs", lambda j: _infer({"inputs": []}), 400, "bad_tensor"),
         BadCase("oip_two_inputs", lambda j: _infer({"inputs": [_bytes_tensor([b64(j)])["inputs"][0]] * 2}), 400,

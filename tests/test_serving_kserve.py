@@ -163,6 +163,27 @@ def test_classification_extension(flask_app):
     assert label == LABELS[0] and int(index) == 0 and 0 < float(score) <= 1
 
 
+# each malformed framing and the specific refusal it must get (reason, a fragment of the error text)
+MALFORMED_EXPECTED = {
+    "header_not_int": ("bad_tensor", "Inference-Header-Content-Length must be an integer, got 'abc'"),
+    "header_too_long": ("bad_tensor", "Inference-Header-Content-Length is 999 but the body has 14 bytes"),
+    "header_zero": ("bad_tensor", "Inference-Header-Content-Length is 0 but the body has 14 bytes"),
+    "size_past_end": ("bad_tensor", "declares 100 bytes of binary data but only 10 follow"),
+    "bytes_left_over": ("bad_tensor", "5 bytes after the JSON header belong to no input"),
+    "data_and_binary": ("bad_tensor", "has both 'data' and a binary_data_size parameter"),
+    "element_past_end": ("bad_tensor", "BYTES element 0 declares 50 bytes; 2 remain"),
+    "bad_size_param": ("bad_tensor", "binary_data_size must be a non-negative integer, got -1"),
+    "fp32_wrong_bytes": ("bad_tensor", "needs 12288 bytes, got 12"),
+    "fp32_nan": ("bad_tensor", "NaN or infinity"),
+    "count_mismatch": ("bad_tensor", "needs 2 data elements, got 1"),
+    "uint8_not_rgb": ("bad_tensor", "got [1, 4, 4, 4]"),
+    "uint8_wrong_bytes": ("bad_tensor", "needs 48 bytes, got 40"),
+    "uint8_json_out_of_range": ("bad_tensor", "integers in 0..255"),
+    "no_data_at_all": ("bad_tensor", "neither 'data' nor a binary_data_size"),
+    "not_an_image": ("not_image", "not an image file"),
+}
+
+
 @pytest.mark.parametrize("case, body, headers", [
     ("header_not_int", b'{"inputs": []}', {HEADER: "abc"}),
     ("header_too_long", b'{"inputs": []}', {HEADER: "999"}),
@@ -198,7 +219,9 @@ def test_classification_extension(flask_app):
 def test_malformed_binary_requests_are_400(flask_app, case, body, headers):
     r = post(flask_app, body, {**headers, "Content-Type": "application/octet-stream"})
     assert r.status_code == 400, (case, r.get_data(as_text=True))
-    assert r.is_json and r.get_json()["reason"] in {"bad_tensor", "not_image"}, r.get_json()
+    want_reason, want_text = MALFORMED_EXPECTED[case]
+    assert r.is_json and r.get_json()["reason"] == want_reason, (case, r.get_json())
+    assert want_text in r.get_json()["error"], (case, r.get_json())
 
 
 def test_platform_named_as_triton(tiny_bundle):

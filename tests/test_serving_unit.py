@@ -101,16 +101,30 @@ def test_settings_defaults_and_env_names():
     assert Settings(host="::1", port=1).bind == "[::1]:1"
 
 
-@pytest.mark.parametrize("var,value", [
-    ("PLANTML_PORT", "eighty"), ("PLANTML_PORT", "70000"), ("PLANTML_WORKERS", "0"), ("PLANTML_THREADS", "-1"),
-    ("PLANTML_RUNTIME", "tensorrt"), ("PLANTML_PRECISION", "fp16"), ("PLANTML_MAX_UPLOAD_MB", "lots"),
-    ("PLANTML_MAX_IMAGES", "0"), ("PLANTML_TOP_K", "1.5"), ("PLANTML_LOG_LEVEL", "loud"), ("PLANTML_HOST", "a b"),
-    ("PLANTML_MODEL_URI", "s3://bucket/model"), ("PLANTML_ACCESS_LOG", "maybe"),
+@pytest.mark.parametrize("var,value,message", [
+    ("PLANTML_PORT", "eighty", "PLANTML_PORT='eighty' is not an integer"),
+    ("PLANTML_PORT", "70000", "PLANTML_PORT=70000 is out of range [1, 65535]"),
+    ("PLANTML_WORKERS", "0", "PLANTML_WORKERS=0 is out of range [1, 64]"),
+    ("PLANTML_THREADS", "-1", "PLANTML_THREADS=-1 is out of range [1, 256]"),
+    ("PLANTML_HTTP_THREADS", "0", "PLANTML_HTTP_THREADS=0 is out of range [1, 64]"),
+    ("PLANTML_TIMEOUT", "0", "PLANTML_TIMEOUT=0 is out of range [1, 3600]"),
+    ("PLANTML_RUNTIME", "tensorrt", "PLANTML_RUNTIME='tensorrt' is not one of auto, onnxruntime, openvino"),
+    ("PLANTML_PRECISION", "fp16", "PLANTML_PRECISION='fp16' is not one of fp32, int8"),
+    ("PLANTML_MAX_UPLOAD_MB", "lots", "PLANTML_MAX_UPLOAD_MB='lots' is not a number"),
+    ("PLANTML_MAX_IMAGES", "0", "PLANTML_MAX_IMAGES=0 is out of range [1, 1024]"),
+    ("PLANTML_TOP_K", "1.5", "PLANTML_TOP_K='1.5' is not an integer"),
+    ("PLANTML_LOG_LEVEL", "loud", "PLANTML_LOG_LEVEL='loud' is not one of debug, info, warning, error, critical"),
+    ("PLANTML_HOST", "a b", "PLANTML_HOST='a b' is not a host name or IP address"),
+    ("PLANTML_MODEL_URI", "s3://bucket/model", "PLANTML_MODEL_URI='s3://bucket/model' must look like models:/NAME@alias"),
+    ("PLANTML_ACCESS_LOG", "maybe", "PLANTML_ACCESS_LOG='maybe' is not a boolean (true/false)"),
+    ("PLANTML_DRIFT_LOG_MAX_MB", "big", "PLANTML_DRIFT_LOG_MAX_MB='big' is not a number"),
+    ("PLANTML_DRIFT_LOG_BACKUPS", "-1", "PLANTML_DRIFT_LOG_BACKUPS=-1 is out of range [0, 1000]"),
 ])
-def test_settings_reject_bad_values_naming_the_variable(var, value):
+def test_settings_reject_bad_values_naming_the_variable(var, value, message):
+    """The message names the variable *and* says what is wrong (a bare value such as "0" proves nothing)."""
     with pytest.raises(SettingsError) as err:
         Settings.from_env({var: value})
-    assert var in str(err.value) or value in str(err.value)
+    assert str(err.value).startswith(message), str(err.value)
 
 
 def test_settings_need_exactly_one_model_source():

@@ -185,6 +185,208 @@ def test_promtool_rejects_a_bad_rule(tmp_path):
     assert out.returncode != 0
 
 
+#: promtool unit tests of the alert rules (issue 17): every alert other than the drift alert
+#: (which the live stack below fires) fires on the traffic it describes, with its labels and
+#: rendered annotations, only after its ``for:``, and none fires on healthy traffic. Kept
+#: here, not in monitoring/rules/: Prometheus loads ``rules/*.yml`` as rule files.
+ALERT_RULE_TESTS = """\
+# promtool unit tests of monitoring/rules/plantml.yml: every alert fires on the traffic it
+# describes, with its labels and rendered annotations, and stays silent on healthy traffic.
+rule_files:
+  - RULES_FILE
+evaluation_interval: 1m
+tests:
+  # ---------------------------------------------------------------- every target down
+  - interval: 1m
+    input_series:
+      - series: 'up{job="plantml-api", instance="a:8000"}'
+        values: '0x20'
+      - series: 'up{job="plantml-api", instance="b:8000"}'
+        values: '0x20'
+    alert_rule_test:
+      - eval_time: 1m          # "for: 2m": pending, not firing yet
+        alertname: PlantmlApiDown
+        exp_alerts: []
+      - eval_time: 10m
+        alertname: PlantmlApiDown
+        exp_alerts:
+          - exp_labels: {severity: critical}
+            exp_annotations:
+              summary: No plantml-api target is up
+              description: Prometheus has not scraped any healthy plantml-api instance for 2 minutes.
+      - eval_time: 10m
+        alertname: PlantmlApiInstanceDown
+        exp_alerts:
+          - exp_labels: {severity: warning, job: plantml-api, instance: "a:8000"}
+            exp_annotations:
+              summary: "plantml-api instance a:8000 is down"
+              description: "a:8000 has failed its scrapes for 5 minutes."
+          - exp_labels: {severity: warning, job: plantml-api, instance: "b:8000"}
+            exp_annotations:
+              summary: "plantml-api instance b:8000 is down"
+              description: "b:8000 has failed its scrapes for 5 minutes."
+
+  # ---------------------------------------------------------------- one of two instances down
+  - interval: 1m
+    input_series:
+      - series: 'up{job="plantml-api", instance="a:8000"}'
+        values: '1x20'
+      - series: 'up{job="plantml-api", instance="b:8000"}'
+        values: '0x20'
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: PlantmlApiDown
+        exp_alerts: []
+      - eval_time: 4m          # "for: 5m"
+        alertname: PlantmlApiInstanceDown
+        exp_alerts: []
+      - eval_time: 10m
+        alertname: PlantmlApiInstanceDown
+        exp_alerts:
+          - exp_labels: {severity: warning, job: plantml-api, instance: "b:8000"}
+            exp_annotations:
+              summary: "plantml-api instance b:8000 is down"
+              description: "b:8000 has failed its scrapes for 5 minutes."
+
+  # ---------------------------------------------------------------- unhealthy traffic: 25 % 5xx,
+  # slow answers, half abstained, most of low confidence, many rejected uploads
+  - interval: 1m
+    input_series:
+      - series: 'up{job="plantml-api", instance="a:8000"}'
+        values: '1x40'
+      - series: 'flask_http_request_duration_seconds_count{job="plantml-api", instance="a:8000", endpoint="predict", status="200"}'
+        values: '0+60x40'
+      - series: 'flask_http_request_duration_seconds_count{job="plantml-api", instance="a:8000", endpoint="predict", status="500"}'
+        values: '0+20x40'
+      # every request between 0.25 s and 0.5 s
+      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", instance="a:8000", endpoint="predict", status="200", le="0.1"}'
+        values: '0x40'
+      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", instance="a:8000", endpoint="predict", status="200", le="0.25"}'
+        values: '0x40'
+      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", instance="a:8000", endpoint="predict", status="200", le="0.5"}'
+        values: '0+60x40'
+      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", instance="a:8000", endpoint="predict", status="200", le="+Inf"}'
+        values: '0+60x40'
+      - series: 'plantml_predictions_total{job="plantml-api", instance="a:8000"}'
+        values: '0+60x40'
+      - series: 'plantml_abstained_total{job="plantml-api", instance="a:8000"}'
+        values: '0+30x40'
+      - series: 'plantml_prediction_confidence_bucket{job="plantml-api", instance="a:8000", le="0.5"}'
+        values: '0+24x40'
+      - series: 'plantml_prediction_confidence_count{job="plantml-api", instance="a:8000"}'
+        values: '0+60x40'
+      - series: 'plantml_rejected_inputs_total{job="plantml-api", instance="a:8000", reason="not_an_image"}'
+        values: '0+20x40'
+    alert_rule_test:
+      - eval_time: 3m          # "for: 5m": still pending
+        alertname: PlantmlHighErrorRate
+        exp_alerts: []
+      - eval_time: 35m
+        alertname: PlantmlHighErrorRate
+        exp_alerts:
+          - exp_labels: {severity: critical, job: plantml-api}
+            exp_annotations:
+              summary: "plantml-api answers 25% of predictions with a 5xx"
+              description: Server errors are bugs or resource exhaustion (bad input is a 4xx); check the pod logs.
+      - eval_time: 35m
+        alertname: PlantmlHighLatencyP95
+        exp_alerts:
+          - exp_labels: {severity: warning, job: plantml-api}
+            exp_annotations:
+              summary: "p95 prediction latency is 487.5ms"
+              description: Above 250 ms for 10 minutes; check CPU saturation and the HPA's replica count.
+      - eval_time: 35m
+        alertname: PlantmlHighAbstainRate
+        exp_alerts:
+          - exp_labels: {severity: warning, job: plantml-api}
+            exp_annotations:
+              summary: "50% of predictions abstained"
+              description: The model is unsure of many inputs (new conditions, bad photos or drift).
+      - eval_time: 35m
+        alertname: PlantmlLowConfidence
+        exp_alerts:
+          - exp_labels: {severity: warning, job: plantml-api}
+            exp_annotations:
+              summary: "40% of predictions have confidence <= 0.5"
+              description: Confidence has dropped; compare with the drift dashboard panels.
+      - eval_time: 35m
+        alertname: PlantmlManyRejectedInputs
+        exp_alerts:
+          - exp_labels: {severity: info, job: plantml-api}
+            exp_annotations:
+              summary: "25% of inputs are rejected"
+              description: A client sends corrupt, oversized or non-image uploads; see plantml_rejected_inputs_total by reason.
+      - eval_time: 35m
+        alertname: PlantmlDataDrift
+        exp_alerts: []
+
+  # ---------------------------------------------------------------- healthy traffic: nothing fires
+  - interval: 1m
+    input_series:
+      - series: 'up{job="plantml-api", instance="a:8000"}'
+        values: '1x40'
+      - series: 'flask_http_request_duration_seconds_count{job="plantml-api", instance="a:8000", endpoint="predict", status="200"}'
+        values: '0+1000x40'
+      - series: 'flask_http_request_duration_seconds_count{job="plantml-api", instance="a:8000", endpoint="predict", status="500"}'
+        values: '0+5x40'
+      - series: 'flask_http_request_duration_seconds_count{job="plantml-api", instance="a:8000", endpoint="health", status="500"}'
+        values: '0+500x40'
+      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", instance="a:8000", endpoint="predict", status="200", le="0.1"}'
+        values: '0+1000x40'
+      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", instance="a:8000", endpoint="predict", status="200", le="0.25"}'
+        values: '0+1000x40'
+      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", instance="a:8000", endpoint="predict", status="200", le="+Inf"}'
+        values: '0+1000x40'
+      - series: 'plantml_predictions_total{job="plantml-api", instance="a:8000"}'
+        values: '0+1000x40'
+      - series: 'plantml_abstained_total{job="plantml-api", instance="a:8000"}'
+        values: '0+100x40'
+      - series: 'plantml_prediction_confidence_bucket{job="plantml-api", instance="a:8000", le="0.5"}'
+        values: '0+100x40'
+      - series: 'plantml_prediction_confidence_count{job="plantml-api", instance="a:8000"}'
+        values: '0+1000x40'
+      - series: 'plantml_rejected_inputs_total{job="plantml-api", instance="a:8000", reason="not_an_image"}'
+        values: '0+10x40'
+      - series: 'plantml_drift_detected{job="plantml-api", instance="a:8000"}'
+        values: '0x40'
+    alert_rule_test:
+      - {eval_time: 35m, alertname: PlantmlApiDown, exp_alerts: []}
+      - {eval_time: 35m, alertname: PlantmlApiInstanceDown, exp_alerts: []}
+      - {eval_time: 35m, alertname: PlantmlHighErrorRate, exp_alerts: []}
+      - {eval_time: 35m, alertname: PlantmlHighLatencyP95, exp_alerts: []}
+      - {eval_time: 35m, alertname: PlantmlHighAbstainRate, exp_alerts: []}
+      - {eval_time: 35m, alertname: PlantmlLowConfidence, exp_alerts: []}
+      - {eval_time: 35m, alertname: PlantmlManyRejectedInputs, exp_alerts: []}
+      - {eval_time: 35m, alertname: PlantmlDataDrift, exp_alerts: []}
+"""
+
+
+def _promtool_test_rules(tmp_path, rules_file):
+    test_file = tmp_path / "plantml_rules_test.yml"
+    test_file.write_text(ALERT_RULE_TESTS.replace("RULES_FILE", str(rules_file)))
+    return subprocess.run([PROMTOOL, "test", "rules", str(test_file)], capture_output=True, text=True, timeout=60)
+
+
+@needs_promtool
+def test_every_alert_fires_on_its_condition_and_not_on_healthy_traffic(tmp_path):
+    out = _promtool_test_rules(tmp_path, MON / "rules" / "plantml.yml")
+    assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
+    tested = set(re.findall(r"alertname: (\w+)", ALERT_RULE_TESTS))
+    assert tested == {name for name, _, is_alert in rule_expressions() if is_alert}, tested
+
+
+@needs_promtool
+def test_alert_rule_tests_catch_a_broken_threshold(tmp_path):
+    """The control: the same tests fail on rules whose error-rate threshold was raised."""
+    rules = (MON / "rules" / "plantml.yml").read_text()
+    assert "plantml:http_server_errors:ratio_rate5m > 0.01" in rules
+    broken = tmp_path / "broken.yml"
+    broken.write_text(rules.replace("plantml:http_server_errors:ratio_rate5m > 0.01",
+                                    "plantml:http_server_errors:ratio_rate5m > 0.5"))
+    out = _promtool_test_rules(tmp_path, broken)
+    assert out.returncode != 0 and "PlantmlHighErrorRate" in out.stdout + out.stderr, out.stdout + out.stderr
+
+
 # --------------------------------------------------------------------------- live stack
 
 

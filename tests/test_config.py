@@ -41,9 +41,14 @@ def test_missing_file_is_clear(tmp_path):
 
 
 def test_params_are_frozen():
+    from dataclasses import FrozenInstanceError
+
     p = params_from_dict({})
-    with pytest.raises(Exception):
+    with pytest.raises(FrozenInstanceError, match="cannot assign to field 'epochs'"):
         p.train.epochs = 5  # type: ignore[misc]
+    with pytest.raises(FrozenInstanceError, match="cannot assign to field 'lr'"):
+        p.train.models["cnn"].lr = 0.5  # type: ignore[misc]
+    assert p.train.epochs == params_from_dict({}).train.epochs
 
 
 # --------------------------------------------------------------------------- issue 14: every key declared

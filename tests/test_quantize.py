@@ -62,7 +62,14 @@ def test_int8_metrics_and_gate_report(int8_bundle):
     report = stored["int8"]
     assert report["gate"]["max_accuracy_drop"] == 0.01
     assert sorted(report["passed"]) == ["onnxruntime", "openvino"]
-    assert set(report["recommended"].values()) <= {"int8", "fp32"}
+    # The documented rule: INT8 is recommended only if it passed the gate AND is faster than FP32.
+    for runtime in ("openvino", "onnxruntime"):
+        int8, fp32 = stored["metrics"][f"int8_{runtime}"], stored["metrics"][f"fp32_{runtime}"]
+        faster = int8["latency_ms"] < fp32["latency_ms"]
+        expected = "int8" if runtime in report["passed"] and faster else "fp32"
+        assert report["recommended"][runtime] == expected, (runtime, int8["latency_ms"], fp32["latency_ms"])
+        assert report["results"][runtime]["speedup_vs_fp32"] == pytest.approx(
+            fp32["latency_ms"] / int8["latency_ms"], rel=1e-2)
     assert "<=" in report["results"]["openvino"]["why"]
     assert stored["metrics"]["fp32"] == {"accuracy": 1.0}, "the flow's own FP32 metrics are left alone"
 
@@ -162,3 +169,24 @@ def test_nncf_imports_after_metaflow_patched_typing():
             "import_nncf(); print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_int8_recommended_only_when_it_passed_and_is_faster(tmp_path, monkeypatch):
+    """Both sides of the rule on a bundle where both INT8 models pass the gate: the OpenVINO INT8
+    model measures slower than its FP32 (-> fp32 recommended), the ONNX Runtime one faster (-> int8).
+
+    The latencies are fixed (the order of measurement is FP32 then INT8, OpenVINO then ONNX
+    Runtime) so the decision, not the machine's speed, is what is tested.
+    """
+    import plantml.quantize as q
+
+    timings = iter([2.0, 3.0, 2.0, 1.0])  # openvino fp32, openvino int8, onnxruntime fp32, onnxruntime int8
+    monkeypatch.setattr(q, "median_latency_ms", lambda runner, sample, *a, **k: next(timings))
+    _, calib = tiny_model()
+    ex, ey = eval_set()
+    path, _ = export_tiny(tmp_path, int8_export_step(calib, ex, ey, 0.01, threads=1))
+    report = load_bundle(path).metadata["int8"]
+    assert sorted(report["passed"]) == ["onnxruntime", "openvino"], report
+    assert report["recommended"] == {"openvino": "fp32", "onnxruntime": "int8"}, report
+    assert report["results"]["openvino"]["speedup_vs_fp32"] == pytest.approx(2 / 3, rel=1e-2)
+    assert report["results"]["onnxruntime"]["speedup_vs_fp32"] == pytest.approx(2.0)

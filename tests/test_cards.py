@@ -1,0 +1,80 @@
+"""Metaflow card builders (flows/cards.py): every card of a DEMO run opens with the DEMO banner,
+and no card of a real run carries it (issue 17, point 9)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("metaflow")
+
+from flows import cards  # noqa: E402
+
+_BANNER_MARK = "DEMO DATA."
+
+
+def _texts(parts) -> list[str]:
+    """The Markdown text of each card part ('' for tables, images and charts)."""
+    return [p._text if isinstance(p, cards.Markdown) else "" for p in parts]
+
+
+def _summary(is_demo: bool) -> dict:
+    return {"is_demo": is_demo, "n_images": 60, "classes": ["a", "b", "c"], "root": "/data", "layout": "flat",
+            "n_skipped": 0, "n_duplicate_files": 0, "manifest_sha256": "0" * 64,
+            "counts": {c: {"train": 14, "val": 4, "test": 2} for c in "abc"}, "skipped": []}
+
+
+def _history() -> list[dict]:
+    return [{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5,
+             "val_macro_f1": 0.5, "lr": 0.001, "seconds": 3.0}]
+
+
+def _train_result() -> dict:
+    return {"name": "cnn", "arch": "tiny_cnn", "best_epoch": 1, "epochs_run": 1, "stopped_early": False,
+            "best_val_macro_f1": 0.5, "best_val_accuracy": 0.5, "num_params": 1000, "train_seconds": 3.0,
+            "device": "cpu", "threads": 1, "history": _history()}
+
+
+def _report(is_demo: bool) -> dict:
+    calibration = {"temperature": 1.2, "ece_uncalibrated": 0.1, "ece": 0.05, "ece_ci95": [0.01, 0.1], "n_test": 6,
+                   "abstain_threshold": 0.5, "target_precision": 0.99, "test_coverage": 0.8,
+                   "test_accuracy_at_threshold": 1.0}
+    model = {"arch": "tiny_cnn", "accuracy": 0.9, "macro_f1": 0.9, "roc_auc_ovr_macro": 0.95, "latency_ms": 1.0,
+             "num_params": 1000, "best_epoch": 1, "train_seconds": 3.0, "calibration": calibration,
+             "plots": {"confusion": None, "roc": None, "reliability": None},
+             "per_class": [{"class": c, "precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2, "roc_auc": 1.0}
+                           for c in "abc"]}
+    return {"is_demo": is_demo, "champion": "cnn", "champion_reason": "cnn: highest macro_f1",
+            "models": {"cnn": model, "vit": {**model, "arch": "hybrid_vit_tiny"}}, "plots": {},
+            "non_leaf": {"abstain_rate": 1.0, "n": 10, "photo_abstain_rate": 1.0, "n_photos": 0},
+            "robustness": {"n_images": 6, "rows": [{"corruption": "brightness", "severity": 1, "accuracy": 0.9}],
+                           "summary": {"clean_accuracy": 0.9, "mean_corrupted_accuracy": 0.9,
+                                       "relative_accuracy": 1.0}},
+            "background_baseline": {"accuracy": 0.3, "chance": 0.33}}
+
+
+def _metadata(is_demo: bool) -> dict:
+    return {"name": "m", "version": "1", "architecture": "tiny_cnn", "input": {"size": 32},
+            "metrics": {"fp32": {"accuracy": 0.9}, "is_demo_data": is_demo},
+            "files": [{"path": "model.onnx", "format": "onnx", "runtime": "onnxruntime", "precision": "fp32",
+                       "bytes": 1000, "sha256": "f" * 64}]}
+
+
+def _all_cards(is_demo: bool) -> dict[str, list]:
+    return {
+        "prepare": cards.prepare_card(_summary(is_demo), None),
+        "train": cards.train_card(_train_result(), None, is_demo),
+        "evaluate": cards.evaluate_card(_report(is_demo), {}),
+        "export": cards.export_card("/bundles/m-1", _metadata(is_demo), None, "# Model card"),
+    }
+
+
+def test_every_card_of_a_demo_run_opens_with_the_banner():
+    for step, parts in _all_cards(True).items():
+        texts = _texts(parts)
+        assert _BANNER_MARK in texts[0] and "synthetic" in texts[0], f"{step} card does not open with the banner"
+        assert sum(_BANNER_MARK in t for t in texts) == 1, f"{step} card repeats the banner"
+
+
+def test_no_card_of_a_real_run_has_the_banner():
+    for step, parts in _all_cards(False).items():
+        assert not any(_BANNER_MARK in t for t in _texts(parts)), f"{step} card of a real run shows the DEMO banner"

@@ -64,6 +64,51 @@ def children_of(pid: int) -> list[int]:
     return sorted(kids)
 
 
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Poll ``condition`` until it returns something truthy (returned) or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def accepted_by(pids: list[int], client: socket.socket) -> int | None:
+    """The pid among ``pids`` holding the server side of ``client``'s TCP connection (accepted), else None.
+
+    Read from /proc: the connection's server-side socket in /proc/net/tcp (its remote port is the
+    client's local port), then which process has that socket inode open.
+    """
+    server_port = client.getpeername()[1]
+    client_port = client.getsockname()[1]
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, remote = fields[1], fields[2]
+            if int(local.rsplit(":", 1)[1], 16) == server_port and int(remote.rsplit(":", 1)[1], 16) == client_port:
+                inodes.add(f"socket:[{fields[9]}]")
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in inodes:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
 def peak_rss_mb(pid: int) -> float:
     """Peak resident memory of a process in MiB (VmHWM, the high-water mark since it started)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -343,6 +388,27 @@ def metric(samples: dict, metric_name: str, /, **labels: str) -> float:
     """Sum of the samples of ``metric_name`` whose labels include ``labels`` (0 if none)."""
     want = set(labels.items())
     return sum(v for (n, lab), v in samples.items() if n == metric_name and want <= set(lab))
+
+
+def counts_by_pid(metrics_dir: Path, sample_name: str, /, **labels: str) -> dict[int, float]:
+    """Per-process values of a counter, read from the multiprocess files themselves.
+
+    ``counter_<pid>.db`` holds what that process counted; a file exists from start-up
+    whether or not the process counted anything, so only its *values* say who did the work.
+    """
+    from prometheus_client.mmap_dict import MmapedDict
+
+    want = set(labels.items())
+    out: dict[int, float] = {}
+    for path in Path(metrics_dir).glob("counter_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[1])
+        total = 0.0
+        for key, value, _ts, _pos in MmapedDict.read_all_values_from_file(str(path)):
+            _family, name, key_labels, _help = json.loads(key)
+            if name == sample_name and want <= set(key_labels.items()):
+                total += value
+        out[pid] = out.get(pid, 0.0) + total
+    return out
 
 
 # --------------------------------------------------------------------------- one client API

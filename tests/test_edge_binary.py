@@ -5,8 +5,10 @@ already-built ``$PLANTML_EDGE_BINARY``), reusing the
 edge build environment when it exists (``$PLANTML_EDGE_VENV``, else ``.venv-edge`` at the
 repo root; create it with ``edge/build_binary.sh`` or the lead's make target). Without one,
 the script creates a fresh environment under ``tmp_path``; that needs the package index,
-so offline it is skipped — unless ``PLANTML_REQUIRE_EDGE_BINARY=1`` (CI), where a build
-that cannot happen is a failure.
+so it is skipped when the package index genuinely cannot be reached (pip reports connection
+errors AND a TCP connection to the index's host fails) — unless ``PLANTML_REQUIRE_EDGE_BINARY=1``
+(CI), where a build that cannot happen is a failure. Any other build failure, a pip
+resolution error ("No matching distribution", "Could not find a version") included, fails.
 
 The binary then runs under ``env -i PATH=/usr/bin:/bin`` (no venv, no Python on PATH, no
 PYTHONPATH) and, where the kernel allows it, in a new network namespace with no
@@ -39,6 +41,53 @@ def _no_network_prefix() -> list[str]:
     return []
 
 
+#: What pip prints when it cannot reach the index (urllib3/requests connection errors), as
+#: opposed to a resolution error, which it also prints after them when offline.
+NETWORK_ERRORS = ("NewConnectionError", "Network is unreachable", "Temporary failure in name resolution",
+                  "Name or service not known", "Connection refused", "ConnectTimeoutError", "ProxyError",
+                  "No route to host")
+
+
+def _is_network_failure(stderr: str) -> bool:
+    """pip failed because it could not connect, not because of what it was asked to install."""
+    return any(s in stderr for s in NETWORK_ERRORS)
+
+
+def _index_reachable(timeout: float = 5.0) -> bool:
+    """A TCP connection to the package index pip uses ($PIP_INDEX_URL, else pypi.org) succeeds."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple")
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+#: build_binary.sh announces the pip install on stderr before pip's own output.
+_PREAMBLE = "build_binary.sh: preparing /tmp/venv-edge (pip install .[edge] pyinstaller)\n"
+_RESOLUTION_ERROR = (_PREAMBLE + "ERROR: Could not find a version that satisfies the requirement onnxruntime==9.9.9\n"
+                     "ERROR: No matching distribution found for onnxruntime==9.9.9\n")
+_OFFLINE = (_PREAMBLE + "WARNING: Retrying (Retry(total=4, connect=None, read=None, redirect=None, status=None)) after connection "
+            "broken by 'NewConnectionError('<pip._vendor.urllib3.connection.HTTPSConnection object at 0x7f>: "
+            "Failed to establish a new connection: [Errno -3] Temporary failure in name resolution')': /simple/pip/\n"
+            + _RESOLUTION_ERROR.replace(_PREAMBLE, ""))
+
+
+@pytest.mark.parametrize("stderr, network", [
+    (_RESOLUTION_ERROR, False),  # a bad pin or a missing wheel: a real failure, never "offline"
+    (_PREAMBLE + "ERROR: ResolutionImpossible: for help visit https://pip.pypa.io\n", False),
+    (_PREAMBLE + "pip: error: no such option: --frobnicate\n", False),
+    (_OFFLINE, True),
+    (_PREAMBLE + "ERROR: Could not install packages due to an OSError: HTTPSConnectionPool(host='pypi.org', port=443): Max "
+     "retries exceeded (Caused by NewConnectionError(... [Errno 101] Network is unreachable))\n", True),
+])
+def test_only_a_network_failure_counts_as_offline(stderr, network):
+    assert _is_network_failure(stderr) is network
+
+
 @pytest.fixture(scope="module")
 def binary(tmp_path_factory):
     prebuilt = os.environ.get("PLANTML_EDGE_BINARY")
@@ -56,12 +105,9 @@ def binary(tmp_path_factory):
         capture_output=True, text=True, env=env, timeout=900,
     )
     if proc.returncode != 0:
-        offline = "pip" in proc.stderr and any(
-            s in proc.stderr for s in ("No matching distribution", "Could not find a version", "NewConnectionError",
-                                       "Network is unreachable", "Temporary failure in name resolution")
-        )
-        if offline and not os.environ.get("PLANTML_REQUIRE_EDGE_BINARY"):
-            pytest.skip(f"no edge build environment and no package index to create one: {proc.stderr[-300:]}")
+        if _is_network_failure(proc.stderr) and not _index_reachable() \
+                and not os.environ.get("PLANTML_REQUIRE_EDGE_BINARY"):
+            pytest.skip(f"no edge build environment and no network to the package index: {proc.stderr[-300:]}")
         pytest.fail(f"edge/build_binary.sh failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     path = tmp / "dist" / "plantml-edge"
     assert proc.stdout.strip().endswith(str(path))

@@ -62,9 +62,40 @@ def test_prepare_reports_skips(tiny_dataset, tmp_path):
     assert "skipped 1 unreadable" in proc.stderr
 
 
-@pytest.mark.parametrize("cmd", ["prepare", "train", "evaluate", "export", "drift"])
-def test_help(cmd):
-    assert run_cli(cmd, "--help").returncode == 0
+COMMON_OPTIONS = ["--params", "--set", "--quiet"]
+
+
+@pytest.mark.parametrize("cmd, options", [
+    ("prepare", [*COMMON_OPTIONS, "--data-dir"]),
+    ("train", [*COMMON_OPTIONS, "--model"]),
+    ("evaluate", COMMON_OPTIONS),
+    ("export", [*COMMON_OPTIONS, "--out", "--register"]),
+    ("drift", ["--bundle", "--current", "--report", "--json", "--summary-out"]),
+    ("schema", ["--out"]),
+])
+def test_help(cmd, options):
+    """``--help`` exits 0 and its text names the command's options with their help (not only exit 0)."""
+    from plantml.cli import build_parser
+
+    proc = run_cli(cmd, "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert text.startswith(f"usage: plantml {cmd}"), text
+    missing = [o for o in options if o not in text]
+    assert not missing, f"plantml {cmd} --help does not name {missing}:\n{text}"
+    # every option's own help sentence is printed, not just its name
+    sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
+    for action in sub.choices[cmd]._actions:
+        if action.help and action.option_strings and action.option_strings[-1] != "--help":
+            first_words = " ".join(action.help.split()[:3]).split("%")[0].strip()
+            assert first_words in " ".join(text.split()), (action.option_strings, first_words)
+
+
+def test_top_level_help_lists_every_command():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for cmd in ("prepare", "train", "evaluate", "export", "drift", "schema"):
+        assert f"    {cmd}" in proc.stdout, proc.stdout
 
 
 def _walk_actions(parser, path="plantml"):

@@ -311,7 +311,7 @@ def fetch_model(model_uri: str, cache_dir: Path) -> Path:
     dst = Path(tempfile.mkdtemp(prefix=f".download-{name}-", dir=cache_dir))
     try:
         try:
-            path = Path(fetch_bundle(model_uri, dst))
+            path = Path(fetch_bundle(_run_uri_to_logged_model(model_uri), dst))
         except Exception as exc:  # noqa: BLE001 - mlflow raises many types; all mean "cannot fetch"
             raise ModelLoadError(f"could not fetch {model_uri} from the MLflow registry: {exc}") from exc
         path = _bundle_root_in(path, model_uri)
@@ -325,6 +325,33 @@ def fetch_model(model_uri: str, cache_dir: Path) -> Path:
         shutil.rmtree(dst, ignore_errors=True)
     log.info("fetched %s into %s", model_uri, final)
     return final
+
+
+def _run_uri_to_logged_model(model_uri: str) -> str:
+    """``runs:/RUN_ID/bundle`` -> the URI of the bundle that run logged.
+
+    With MLflow 3 ``plantml.registry`` logs the bundle as a logged model linked to the run
+    (``models:/m-...``), not as a run artifact, so the run itself has nothing at ``bundle``.
+    A run that does hold the artifact keeps its URI; any other URI is returned unchanged.
+    """
+    if not model_uri.startswith("runs:/"):
+        return model_uri
+    import mlflow
+
+    from plantml.registry import resolve_tracking_uri
+
+    run_id, _, artifact = model_uri[len("runs:/"):].partition("/")
+    mlflow.set_tracking_uri(resolve_tracking_uri(None))
+    client = mlflow.MlflowClient()
+    if artifact and any(a.path == artifact for a in client.list_artifacts(run_id)):
+        return model_uri
+    experiment = client.get_run(run_id).info.experiment_id
+    models = mlflow.search_logged_models(experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'",
+                                         output_format="list")
+    if len(models) != 1:
+        raise ModelLoadError(f"run {run_id} has no artifact {artifact!r} and {len(models)} logged models "
+                             f"(need exactly one to serve {model_uri})")
+    return f"models:/{models[0].model_id}"
 
 
 def _cache_name(model_uri: str) -> str:

@@ -238,7 +238,8 @@ def registered(tiny_bundle, tmp_path_factory):
         info = register_bundle(tiny_bundle, model_name="plantml-tiny", tracking_uri=uri)
     finally:
         os.chdir(cwd)
-    return {"tracking_uri": uri, "model_uri": info["model_uri"], "version": info["version"], "tmp": tmp}
+    return {"tracking_uri": uri, "model_uri": info["model_uri"], "version": info["version"], "tmp": tmp,
+            "run_id": info["run_id"], "name": info["name"], "sha256": info["bundle_sha256"]}
 
 
 def test_model_from_mlflow_registry_under_gunicorn(registered, tmp_path):
@@ -272,3 +273,29 @@ def test_registry_in_process_and_unknown_model(registered, tiny_bundle, tmp_path
     assert reply.get_json()["prediction"] == LABELS[0]
     with pytest.raises(ModelLoadError, match="could not fetch models:/no-such-model@champion"):
         build_predictor(Settings(model_uri="models:/no-such-model@champion", model_cache=tmp_path / "cache"))
+
+
+def test_registry_version_and_run_uris(registered, tiny_bundle, tmp_path, monkeypatch):
+    """The documented URI forms besides ``@alias``: ``models:/NAME/VERSION`` and ``runs:/RUN_ID/bundle``,
+    through plantml.registry.fetch_bundle and the service's fetch (``serving.predictor.fetch_model``, which the
+    master's fetch child runs too)."""
+    from plantml.registry import bundle_sha256, fetch_bundle
+    from serving.app import create_app
+    from serving.settings import Settings
+
+    by_version = f"models:/{registered['name']}/{registered['version']}"
+    by_run = f"runs:/{registered['run_id']}/bundle"
+    got = fetch_bundle(by_version, tmp_path / "direct", tracking_uri=registered["tracking_uri"])
+    assert bundle_sha256(got) == bundle_sha256(tiny_bundle) == registered["sha256"]
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["tracking_uri"])
+    monkeypatch.delenv("PLANTML_FETCHED_BUNDLE", raising=False)
+    for uri in (by_version, by_run):
+        cache = tmp_path / ("cache-" + uri.split(":")[0])
+        app = create_app(Settings(model_uri=uri, model_cache=cache))
+        client = app.test_client()
+        assert client.get("/model").get_json()["serving"]["source"] == uri
+        reply = client.post("/predict", data=leaf(LABELS[1]), content_type="image/jpeg")
+        assert reply.status_code == 200 and reply.get_json()["prediction"] == LABELS[1], (uri, reply.get_json())
+        (served_from,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+        assert bundle_sha256(served_from) == registered["sha256"], uri

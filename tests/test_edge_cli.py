@@ -186,3 +186,77 @@ def test_console_script_runs_offline_without_torch(bundle, photos):
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["label"] for r in rows] == [_expected_label(r["path"]) for r in rows] and len(rows) == 3
+
+
+# --------------------------------------------------------------------------- issue 17: documented options really act
+
+
+def test_batch_size_sets_the_inference_batches(bundle, photos, monkeypatch, capsys):
+    """``--batch-size N``: the runtime sees batches of at most N images; the results do not change."""
+    from edge.runtime import EdgeModel
+
+    seen: list[int] = []
+    real = EdgeModel.outputs
+
+    def spy(self, batch):
+        seen.append(len(batch))
+        return real(self, batch)
+
+    monkeypatch.setattr(EdgeModel, "outputs", spy)
+    code, out_default, _ = _run(capsys, "predict", "--bundle", str(bundle), str(photos))
+    assert code == 0 and seen == [3], seen
+    seen.clear()
+    code, out_two, _ = _run(capsys, "predict", "--bundle", str(bundle), "--batch-size", "2", str(photos))
+    assert code == 0 and seen == [2, 1], seen
+    seen.clear()
+    code, out_one, _ = _run(capsys, "predict", "--bundle", str(bundle), "--batch-size", "1", str(photos))
+    assert code == 0 and seen == [1, 1, 1], seen
+
+    def labels(out):
+        return {r["path"]: r["label"] for r in map(json.loads, out.splitlines())}
+
+    assert labels(out_default) == labels(out_two) == labels(out_one)
+
+
+@pytest.mark.parametrize("hint, config_hint, reported", [("f32", "f32", "f32"), ("default", None, "default")])
+def test_openvino_hint_reaches_openvino(bundle, monkeypatch, capsys, hint, config_hint, reported):
+    """``--openvino-hint``: f32 compiles with INFERENCE_PRECISION_HINT=f32, default leaves the plugin's own."""
+    import openvino as ov
+
+    configs: list[dict] = []
+    real = ov.Core.compile_model
+
+    def spy(self, model, device=None, config=None, *args, **kwargs):
+        configs.append(dict(config or {}))
+        return real(self, model, device, config or {}, *args, **kwargs)
+
+    monkeypatch.setattr(ov.Core, "compile_model", spy)
+    code, out, err = _run(capsys, "bench", "--bundle", str(bundle), "--runtime", "openvino", "--precision", "fp32",
+                          "--runs", "2", "--warmup", "0", "--format", "json", "--openvino-hint", hint)
+    assert code == 0, err
+    assert configs and all(c.get("INFERENCE_PRECISION_HINT") == config_hint for c in configs), configs
+    rows = json.loads(out)
+    assert [r["openvino_precision_hint"] for r in rows] == [reported]
+
+
+def test_help_names_every_option(capsys):
+    """``--help`` prints each subcommand's options (not only exit 0)."""
+    expected = {
+        "predict": ["--bundle", "--runtime", "--threads", "--openvino-hint", "--precision", "--format", "--top-k",
+                    "--batch-size", "--output", "--no-progress", "PATH"],
+        "bench": ["--bundle", "--runtime", "--threads", "--openvino-hint", "--precision", "--runs", "--warmup",
+                  "--image", "--format"],
+        "info": ["--bundle", "--model-card"],
+    }
+    for cmd, options in expected.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main([cmd, "--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: plantml-edge {cmd}"), text
+        missing = [o for o in options if o not in text]
+        assert not missing, f"plantml-edge {cmd} --help does not name {missing}:\n{text}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert all(c in top for c in ("predict", "bench", "info", "version")), top

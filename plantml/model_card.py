@@ -56,8 +56,9 @@ def render_model_card(metadata: Mapping[str, Any], data_summary: Mapping[str, An
         f"- files: {', '.join(sorted({f['runtime'] + ' ' + f['precision'] for f in metadata.get('files', []) if f.get('role', 'model') == 'model'}))}",  # noqa: E501
         "",
         "## Data",
-        f"- {n_images:,} images in {len(classes)} classes ({', '.join(crops) if crops else 'see the class list'}); "
-        f"data root `{summary.get('root', 'n/a')}`, split train/val/test stratified by class.",
+        # No data root: the card is public (GET /model) and a training host's paths are not.
+        f"- {n_images:,} images in {len(classes)} classes ({', '.join(crops) if crops else 'see the class list'}), "
+        "split train/val/test stratified by class.",
         f"- test images: {m.get('n_test', 'n/a')}. Classes: {', '.join(classes)}.", "",
         "## Performance (held-out test split)",
         "| measure | value |", "|---|---|",

@@ -36,6 +36,7 @@ import numpy as np
 from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from plantml.model_card import read_model_card
 from plantml.preprocess import top_k
 
 from serving.limits import trim_heap
@@ -439,6 +440,7 @@ def _public_model_info(state: ServiceState, predictor: Predictor) -> dict[str, A
     """What ``GET /model`` shows: the model's contract and quality, not how it was made."""
     meta = predictor.bundle.metadata
     info: dict[str, Any] = {k: meta[k] for k in PUBLIC_METADATA_KEYS if k in meta}
+    info["model_card"] = read_model_card(predictor.bundle)  # Markdown written for readers; None for old bundles
     source = predictor.source
     info["serving"] = {
         **predictor.describe(),

@@ -399,3 +399,27 @@ def test_drift_flow_card_and_mlflow(drift_bundle, current_sets, tmp_path, monkey
     assert "drift_score.r_mean" in metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "drift")}
     assert {"drift/drift_report.html", "drift/drift_report.json", "drift/summary.json"} <= artifacts
+
+
+def test_unreadable_images_in_a_folder_are_skipped_and_counted(drift_bundle, current_sets, tmp_path, capsys):
+    """docs/drift.md: an unreadable image in a folder is skipped and counted (``current.n_skipped``)."""
+    import shutil
+
+    folder = tmp_path / "held_plus_junk"
+    shutil.copytree(current_sets["held_images"], folder)
+    (folder / "junk.jpg").write_bytes(b"not a jpeg at all")
+    good = (folder / "img_0000.jpg").read_bytes()
+    (folder / "sub").mkdir()
+    (folder / "sub" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (folder / "empty.png").write_bytes(b"")
+
+    code, _ = cli("--bundle", str(drift_bundle), "--current", str(folder))
+    printed = json.loads(capsys.readouterr().out)
+    assert code == drift.EXIT_NO_DRIFT, printed["message"]
+    assert printed["current"]["kind"] == "images"
+    assert printed["current"]["n_skipped"] == 3, printed["current"]
+    assert printed["current"]["n_rows_read"] == 63 and printed["n_current"] == 60, printed["current"]
+
+    # the same folder without the bad files: nothing skipped (the count is not a constant)
+    _, info = drift.load_current(current_sets["held_images"], load_bundle(drift_bundle))
+    assert info["n_skipped"] == 0 and info["n_rows_read"] == 60

@@ -83,7 +83,8 @@ def calibrated(scored_bundle, tmp_path_factory):
                for s, c in zip(scores, conf)]
     assert reasons.count(None) == 4 and reasons.count("low_confidence") == 8
     assert reasons.count("out_of_distribution") == 2
-    return {"bundle": bundle, "name": meta["name"], "version": meta["version"], "x": x, "pngs": [_png(i) for i in images],
+    return {"bundle": bundle, "name": meta["name"], "version": meta["version"], "x": x,
+            "pngs": [_png(i) for i in images],
             "probs": probs, "conf": conf, "scores": scores, "labels": [CLASSES[i] for i in probs.argmax(axis=1)],
             "reasons": reasons, "abstain_threshold": abstain_threshold, "ood_threshold": ood_threshold}
 

@@ -32,11 +32,12 @@ import requests
 try:  # tests/ may or may not be a package
     from tests.conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image
     from tests.serving_support import (Client, GunicornServer, MemoryCgroup, bad_cases, free_port, multipart,
-                                       peak_rss_mb, png_bytes, png_with_declared_size, unusual_images)
+                                       peak_rss_mb, png_bytes, png_with_declared_size, unusual_images, wait_for,
+                                       accepted_by)
 except ImportError:  # pragma: no cover
     from conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image
     from serving_support import (Client, GunicornServer, MemoryCgroup, bad_cases, free_port, multipart, peak_rss_mb,
-                                 png_bytes, png_with_declared_size, unusual_images)
+                                 png_bytes, png_with_declared_size, unusual_images, wait_for, accepted_by)
 
 pytestmark = [
     pytest.mark.integration,
@@ -208,7 +209,8 @@ def test_slow_clients_hold_no_thread_and_meet_a_deadline(hostile):
             s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n"
                       + b"\xff" * 10)
             held.append(s)
-        time.sleep(0.5)
+        # every slow client has been accepted by a worker (holds a buffer there) before /health is timed
+        wait_for(lambda: all(accepted_by(hostile.workers(), s) for s in held), 10, "the slow clients to be accepted")
         latencies = [_health_seconds(hostile) for _ in range(5)]
         assert max(latencies) < 1.0, latencies
         r = _post(hostile, "/predict", _good(), "image/jpeg", timeout=10)  # and predictions still flow
@@ -333,10 +335,10 @@ def test_a_bad_reload_keeps_the_healthy_worker_serving(tiny_bundle, tmp_path):
         weights.write_bytes(original[:-4] + b"\0\1\2\3")  # the bundle changes on disk ...
         victim, survivor = srv.workers()
         os.kill(victim, signal.SIGKILL)  # ... and one worker dies
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (len(srv.workers()) < 2 or victim in srv.workers()):
-            time.sleep(0.1)
-        time.sleep(2)
+        wait_for(lambda: len(srv.workers()) == 2 and victim not in srv.workers(), 30, "the respawned worker")
+        # the respawned worker has found the bundle changed and stays up unready (polled, not slept on)
+        wait_for(lambda: "stays up unready and retries" in srv.log() or srv.proc.poll() is not None, 30,
+                 "the respawned worker to fail its load")
         assert srv.proc.poll() is None, srv.log()  # the master did not halt
         assert survivor in srv.workers()
         assert "stays up unready and retries" in srv.log()
@@ -345,9 +347,8 @@ def test_a_bad_reload_keeps_the_healthy_worker_serving(tiny_bundle, tmp_path):
         codes = [_post(srv, "/predict", _good(), "image/jpeg").status_code for _ in range(8)]
         assert 200 in codes and set(codes) <= {200, 503}, codes
         weights.write_bytes(original)  # fixed on disk: the worker loads it without a restart
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and requests.get(srv.url("/ready"), timeout=10).status_code != 200:
-            time.sleep(0.3)
+        wait_for(lambda: requests.get(srv.url("/ready"), timeout=10).status_code == 200, 20, "the reload",
+                 interval=0.3)
         assert {requests.get(srv.url("/ready"), timeout=10).status_code for _ in range(6)} == {200}
         assert cgroup.oom_kills() == 0
     finally:

@@ -70,8 +70,9 @@ def _index_reachable(timeout: float = 5.0) -> bool:
 _PREAMBLE = "build_binary.sh: preparing /tmp/venv-edge (pip install .[edge] pyinstaller)\n"
 _RESOLUTION_ERROR = (_PREAMBLE + "ERROR: Could not find a version that satisfies the requirement onnxruntime==9.9.9\n"
                      "ERROR: No matching distribution found for onnxruntime==9.9.9\n")
-_OFFLINE = (_PREAMBLE + "WARNING: Retrying (Retry(total=4, connect=None, read=None, redirect=None, status=None)) after connection "
-            "broken by 'NewConnectionError('<pip._vendor.urllib3.connection.HTTPSConnection object at 0x7f>: "
+_OFFLINE = (_PREAMBLE + "WARNING: Retrying (Retry(total=4, connect=None, read=None, redirect=None, status=None)) "
+            "after connection broken by "
+            "'NewConnectionError('<pip._vendor.urllib3.connection.HTTPSConnection object at 0x7f>: "
             "Failed to establish a new connection: [Errno -3] Temporary failure in name resolution')': /simple/pip/\n"
             + _RESOLUTION_ERROR.replace(_PREAMBLE, ""))
 
@@ -81,8 +82,9 @@ _OFFLINE = (_PREAMBLE + "WARNING: Retrying (Retry(total=4, connect=None, read=No
     (_PREAMBLE + "ERROR: ResolutionImpossible: for help visit https://pip.pypa.io\n", False),
     (_PREAMBLE + "pip: error: no such option: --frobnicate\n", False),
     (_OFFLINE, True),
-    (_PREAMBLE + "ERROR: Could not install packages due to an OSError: HTTPSConnectionPool(host='pypi.org', port=443): Max "
-     "retries exceeded (Caused by NewConnectionError(... [Errno 101] Network is unreachable))\n", True),
+    (_PREAMBLE + "ERROR: Could not install packages due to an OSError: "
+     "HTTPSConnectionPool(host='pypi.org', port=443): Max retries exceeded "
+     "(Caused by NewConnectionError(... [Errno 101] Network is unreachable))\n", True),
 ])
 def test_only_a_network_failure_counts_as_offline(stderr, network):
     assert _is_network_failure(stderr) is network

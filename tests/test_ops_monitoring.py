@@ -254,28 +254,28 @@ tests:
     input_series:
       - series: 'up{job="plantml-api", instance="a:8000"}'
         values: '1x40'
-      - series: 'flask_http_request_duration_seconds_count{job="plantml-api", instance="a:8000", endpoint="predict", status="200"}'
+      - series: 'flask_http_request_duration_seconds_count{job="plantml-api", endpoint="predict", status="200"}'
         values: '0+60x40'
-      - series: 'flask_http_request_duration_seconds_count{job="plantml-api", instance="a:8000", endpoint="predict", status="500"}'
+      - series: 'flask_http_request_duration_seconds_count{job="plantml-api", endpoint="predict", status="500"}'
         values: '0+20x40'
       # every request between 0.25 s and 0.5 s
-      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", instance="a:8000", endpoint="predict", status="200", le="0.1"}'
+      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", endpoint="predict", le="0.1"}'
         values: '0x40'
-      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", instance="a:8000", endpoint="predict", status="200", le="0.25"}'
+      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", endpoint="predict", le="0.25"}'
         values: '0x40'
-      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", instance="a:8000", endpoint="predict", status="200", le="0.5"}'
+      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", endpoint="predict", le="0.5"}'
         values: '0+60x40'
-      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", instance="a:8000", endpoint="predict", status="200", le="+Inf"}'
+      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", endpoint="predict", le="+Inf"}'
         values: '0+60x40'
-      - series: 'plantml_predictions_total{job="plantml-api", instance="a:8000"}'
+      - series: 'plantml_predictions_total{job="plantml-api"}'
         values: '0+60x40'
-      - series: 'plantml_abstained_total{job="plantml-api", instance="a:8000"}'
+      - series: 'plantml_abstained_total{job="plantml-api"}'
         values: '0+30x40'
-      - series: 'plantml_prediction_confidence_bucket{job="plantml-api", instance="a:8000", le="0.5"}'
+      - series: 'plantml_prediction_confidence_bucket{job="plantml-api", le="0.5"}'
         values: '0+24x40'
-      - series: 'plantml_prediction_confidence_count{job="plantml-api", instance="a:8000"}'
+      - series: 'plantml_prediction_confidence_count{job="plantml-api"}'
         values: '0+60x40'
-      - series: 'plantml_rejected_inputs_total{job="plantml-api", instance="a:8000", reason="not_an_image"}'
+      - series: 'plantml_rejected_inputs_total{job="plantml-api", reason="not_an_image"}'
         values: '0+20x40'
     alert_rule_test:
       - eval_time: 3m          # "for: 5m": still pending
@@ -315,7 +315,9 @@ tests:
           - exp_labels: {severity: info, job: plantml-api}
             exp_annotations:
               summary: "25% of inputs are rejected"
-              description: A client sends corrupt, oversized or non-image uploads; see plantml_rejected_inputs_total by reason.
+              description: >-
+                A client sends corrupt, oversized or non-image uploads;
+                see plantml_rejected_inputs_total by reason.
       - eval_time: 35m
         alertname: PlantmlDataDrift
         exp_alerts: []
@@ -325,29 +327,30 @@ tests:
     input_series:
       - series: 'up{job="plantml-api", instance="a:8000"}'
         values: '1x40'
-      - series: 'flask_http_request_duration_seconds_count{job="plantml-api", instance="a:8000", endpoint="predict", status="200"}'
+      - series: 'flask_http_request_duration_seconds_count{job="plantml-api", endpoint="predict", status="200"}'
         values: '0+1000x40'
-      - series: 'flask_http_request_duration_seconds_count{job="plantml-api", instance="a:8000", endpoint="predict", status="500"}'
+      - series: 'flask_http_request_duration_seconds_count{job="plantml-api", endpoint="predict", status="500"}'
         values: '0+5x40'
-      - series: 'flask_http_request_duration_seconds_count{job="plantml-api", instance="a:8000", endpoint="health", status="500"}'
+      # probes are not model endpoints: their 5xx never count
+      - series: 'flask_http_request_duration_seconds_count{job="plantml-api", endpoint="health", status="500"}'
         values: '0+500x40'
-      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", instance="a:8000", endpoint="predict", status="200", le="0.1"}'
+      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", endpoint="predict", le="0.1"}'
         values: '0+1000x40'
-      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", instance="a:8000", endpoint="predict", status="200", le="0.25"}'
+      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", endpoint="predict", le="0.25"}'
         values: '0+1000x40'
-      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", instance="a:8000", endpoint="predict", status="200", le="+Inf"}'
+      - series: 'flask_http_request_duration_seconds_bucket{job="plantml-api", endpoint="predict", le="+Inf"}'
         values: '0+1000x40'
-      - series: 'plantml_predictions_total{job="plantml-api", instance="a:8000"}'
+      - series: 'plantml_predictions_total{job="plantml-api"}'
         values: '0+1000x40'
-      - series: 'plantml_abstained_total{job="plantml-api", instance="a:8000"}'
+      - series: 'plantml_abstained_total{job="plantml-api"}'
         values: '0+100x40'
-      - series: 'plantml_prediction_confidence_bucket{job="plantml-api", instance="a:8000", le="0.5"}'
+      - series: 'plantml_prediction_confidence_bucket{job="plantml-api", le="0.5"}'
         values: '0+100x40'
-      - series: 'plantml_prediction_confidence_count{job="plantml-api", instance="a:8000"}'
+      - series: 'plantml_prediction_confidence_count{job="plantml-api"}'
         values: '0+1000x40'
-      - series: 'plantml_rejected_inputs_total{job="plantml-api", instance="a:8000", reason="not_an_image"}'
+      - series: 'plantml_rejected_inputs_total{job="plantml-api", reason="not_an_image"}'
         values: '0+10x40'
-      - series: 'plantml_drift_detected{job="plantml-api", instance="a:8000"}'
+      - series: 'plantml_drift_detected{job="plantml-api"}'
         values: '0x40'
     alert_rule_test:
       - {eval_time: 35m, alertname: PlantmlApiDown, exp_alerts: []}

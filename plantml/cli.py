@@ -114,7 +114,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from plantml.export import git_commit
-    from plantml.pipeline import export_champion, repo_path
+    from plantml.pipeline import enforce_quality_gates, export_champion, repo_path
 
     params = _load(args)
     index, summary = _prepared(params)
@@ -123,6 +123,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not report_path.is_file():
         raise FileNotFoundError(f"no evaluation report at {report_path} (run `plantml evaluate`)")
     report = json.loads(report_path.read_text())
+    # The report exists even when evaluate failed a gate (it is what the card shows):
+    # check the gates again so that a failed champion is never exported or registered.
+    enforce_quality_gates(params, report)
     name = report["champion"]
     lineage = {"metaflow_run_id": None, "mlflow_run_id": None, "data_manifest_sha256": summary.manifest_sha256,
                "data_root": summary.root, "git_commit": git_commit(), "produced_by": "plantml export"}

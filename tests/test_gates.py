@@ -87,14 +87,13 @@ def test_failed_gate_exits_with_gate_code_and_exports_nothing(trained, model, se
     assert not (trained / "bundles").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="bug (issue 17 report): `plantml evaluate` writes report.json before the "
-                   "gate fails, and `plantml export` exports that champion without checking the gates")
 def test_export_refuses_a_champion_that_failed_its_gate(trained):
     """After a failed gate, nothing usable for export is left: `plantml export` must not ship that model."""
     sets = _sets(trained, UNTRAINED, ["evaluate.min_accuracy=0.5", f"evaluate.out_dir={trained / 'eval_failed'}"])
     assert _cli("evaluate", "-q", *sets, cwd=trained).returncode == EXIT_GATE
     proc = _cli("export", "-q", *sets, "--out", str(trained / "failed_bundle"), cwd=trained)
-    assert proc.returncode != 0 and not (trained / "failed_bundle").exists(), proc.stdout[-2000:]
+    assert proc.returncode == EXIT_GATE and not (trained / "failed_bundle").exists(), proc.stdout[-2000:]
+    assert "gate failed" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
 
 
 FLOW_CHECK = r"""

@@ -100,14 +100,16 @@ def per_class_spec(per_class: Sequence[Mapping[str, Any]], model_name: str) -> d
     }
 
 
-def live_train_card(card: Any, model_name: str) -> Any:
-    """A card section that refreshes after every epoch while the branch trains.
+def live_train_card(card: Any, model_name: str, is_demo: bool = False) -> Any:
+    """A card section that refreshes after every epoch while the branch trains (with the DEMO banner if it applies).
 
     Returns:
         ``on_epoch_end(row, result)`` for :func:`plantml.training.train_model`.
     """
     progress = Markdown(f"## Training `{model_name}`: first epoch running…")
     chart = VegaChart(curves_spec([]))
+    for part in banner(is_demo):
+        card.append(part)
     card.append(progress)
     card.append(chart)
     card.refresh()

@@ -77,6 +77,8 @@ class PlantDiseaseFlow(FlowSpec):
         self.mlflow_parent_run_id = start_parent_run(
             self.params, {"metaflow_run_id": current.run_id, "metaflow_flow": current.flow_name},
             params.registry.tracking_uri, run_name=f"{current.flow_name}/{current.run_id}")
+        for part in cards.banner(not params.data.data_dir):  # no data folder: the generated DEMO set
+            current.card.append(part)
         current.card.append(cards.Markdown(f"# Parameters\n```\n{cards._pretty(self.params)}\n```"))
         self.next(self.prepare)
 
@@ -121,7 +123,7 @@ class PlantDiseaseFlow(FlowSpec):
             self.mlflow_parent_run_id, self.model_name, tracking_uri=uri,
             params={"arch": params.train.models[self.model_name].arch, "image_size": params.train.image_size},
             tags={"metaflow_run_id": current.run_id})
-        refresh_card = cards.live_train_card(current.card, self.model_name)
+        refresh_card = cards.live_train_card(current.card, self.model_name, self.summary["is_demo"])
 
         def on_epoch_end(row, result):
             log_epoch_metrics(self.mlflow_run_id, row, int(row["epoch"]), uri)
@@ -133,7 +135,8 @@ class PlantDiseaseFlow(FlowSpec):
         self.train_result = result.to_dict()
         self.checkpoint = Path(result.checkpoint_path).read_bytes()
         curve = plot_training_curves({self.model_name: result.history}, out_dir / "curves.png")
-        for part in cards.train_card(self.train_result, str(curve), self.summary["is_demo"]):
+        # is_demo=False: the live section above already opened this card with the DEMO banner.
+        for part in cards.train_card(self.train_result, str(curve), is_demo=False):
             current.card.append(part)
         self.next(self.evaluate)
 

@@ -206,12 +206,17 @@ def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, max_aspect: floa
         raise ImageDecodeError(
             "not_image", f"not an image file (unrecognised format; accepted: {', '.join(ACCEPTED_FORMATS)})"
         ) from exc
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError("too_large", f"image too large: {exc}") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as exc:
-        raise ImageDecodeError("truncated", f"corrupt or truncated image: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - a malformed file can make any decoder raise
-        raise ImageDecodeError("unsupported", f"image could not be decoded: {type(exc).__name__}: {exc}") from exc
+        raise _decode_error(exc) from exc
+
+
+def _decode_error(exc: Exception) -> ImageDecodeError:
+    """The client-facing error for whatever a decoder raised (one mapping for opening and decoding)."""
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return ImageDecodeError("too_large", f"image too large: {exc}")
+    if isinstance(exc, (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)):
+        return ImageDecodeError("truncated", f"corrupt or truncated image: {exc}")
+    return ImageDecodeError("unsupported", f"image could not be decoded: {type(exc).__name__}: {exc}")
 
 
 def finish_decode(img: Image.Image) -> Image.Image:
@@ -224,12 +229,8 @@ def finish_decode(img: Image.Image) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError("too_large", f"image too large: {exc}") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as exc:
-        raise ImageDecodeError("truncated", f"corrupt or truncated image: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - a malformed file can make any decoder raise
-        raise ImageDecodeError("unsupported", f"image could not be decoded: {type(exc).__name__}: {exc}") from exc
+        raise _decode_error(exc) from exc
     try:
         # in place: without it Pillow returns a full copy even when nothing needs turning
         ImageOps.exif_transpose(img, in_place=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +172,25 @@ def noise_image(size: int = 64, seed: int = 0) -> Image.Image:
     """Uniform pixel noise: nothing like any tiny class."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8), "RGB")
+
+
+# --------------------------------------------------------------------------- process exit
+# Two clean-clone CI runs of the whole suite passed every test and then died with SIGSEGV
+# while the interpreter tore down (after ~650 tests, native runtimes — torch, OpenVINO,
+# ONNX Runtime, gevent from tritonclient, multiprocessing helpers — are all loaded in this
+# process; each test file alone exits cleanly). Until the culprit is bisected, the test
+# process leaves with the session's exit status right after pytest has printed its
+# summary, skipping that teardown. Results, reports and the exit code are unchanged.
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if _EXIT_STATUS and os.environ.get("PLANTML_TEST_NORMAL_EXIT") != "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[-1])

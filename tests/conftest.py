@@ -188,7 +188,7 @@ def pytest_sessionfinish(session, exitstatus):
     _EXIT_STATUS.append(int(exitstatus))
 
 
-@pytest.hookimpl(trylast=True)
+@pytest.hookimpl(tryfirst=True)
 def pytest_unconfigure(config):
     if _EXIT_STATUS and os.environ.get("PLANTML_TEST_NORMAL_EXIT") != "1":
         sys.stdout.flush()

@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.compare_s8s8 and args.manifest is not None and (bundle.root / "model.onnx").is_file():
         import tempfile
 
-        from plantml.export import onnxruntime_runner
+        from plantml.runtime import onnxruntime_runner
 
         with tempfile.TemporaryDirectory(prefix="s8s8-") as tmp:
             path = s8s8_variant(bundle, args.manifest, args.data_dir, Path(tmp) / "model.s8s8.onnx")

@@ -3,7 +3,10 @@ ONNX Runtime, FP32 or INT8. No torch, no network.
 
 The model input is built by :mod:`plantml.preprocess` — the same function serving and
 evaluation use — and the bundle is loaded with :func:`plantml.bundle.load_bundle`, which
-verifies every file's sha256 before anything runs.
+verifies every file's sha256 before anything runs. Choosing the runtime, opening the
+session (the service's settings, with the thread count left to the caller) and the
+temperature + abstention rule are :mod:`plantml.runtime`'s, shared with serving; this
+module adds what only the edge needs: file paths in, one result row per image out.
 
 Example::
 
@@ -16,115 +19,37 @@ Example::
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from plantml.bundle import Bundle, BundleError, load_bundle
-from plantml.ood import decide
-from plantml.preprocess import (
-    IMAGE_EXTENSIONS,
-    ImageDecodeError,
-    InputSpec,
-    load_image,
-    preprocess_batch,
-    softmax,
-    top_k,
+from plantml.bundle import BundleError, load_bundle
+from plantml.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, InputSpec, load_image, preprocess_batch, top_k
+from plantml.runtime import (  # noqa: F401 - re-exported for edge.cli and callers
+    PRECISIONS,
+    RUNTIMES,
+    Calibration,
+    InferenceError,
+    SessionOptions,
+    check_batch,
+    check_precision,
+    choose_runtime,
+    installed_runtimes,
+    open_session,
+    runtime_installed,
 )
 
 log = logging.getLogger(__name__)
 
-#: Preference order when no runtime is named: OpenVINO is the faster CPU runtime here.
-RUNTIME_PREFERENCE = ("openvino", "onnxruntime")
-PRECISIONS = ("fp32", "int8")
+#: Preference order when no runtime is named (the edge CLI's name for :data:`plantml.runtime.RUNTIMES`).
+RUNTIME_PREFERENCE = RUNTIMES
 
-
-class EdgeError(ValueError):
-    """The requested runtime/precision cannot be used with this bundle or installation."""
-
-
-def runtime_installed(runtime: str) -> bool:
-    """Whether the Python package of ``runtime`` can be imported (without importing it)."""
-    if runtime in sys.modules:
-        return sys.modules[runtime] is not None
-    try:
-        return importlib.util.find_spec(runtime) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def installed_runtimes() -> list[str]:
-    """Runtimes importable in this environment, in preference order."""
-    return [r for r in RUNTIME_PREFERENCE if runtime_installed(r)]
-
-
-def choose_runtime(bundle: Bundle, precision: str, runtime: str | None = None) -> str:
-    """Pick the runtime: the one asked for, else the first installed one that has a model.
-
-    Raises:
-        EdgeError: unknown runtime, runtime not installed, or no model at that precision.
-    """
-    have = bundle.available()
-    if runtime is not None:
-        if runtime not in RUNTIME_PREFERENCE:
-            raise EdgeError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIME_PREFERENCE)}")
-        if not runtime_installed(runtime):
-            have_rt = ", ".join(installed_runtimes()) or "none"
-            raise EdgeError(f"runtime {runtime} is not installed here (installed: {have_rt})")
-        if (runtime, precision) not in have:
-            raise EdgeError(f"bundle has no {runtime} {precision} model (available: {_fmt(have)})")
-        return runtime
-    for candidate in RUNTIME_PREFERENCE:
-        if (candidate, precision) in have and runtime_installed(candidate):
-            return candidate
-    raise EdgeError(
-        f"no usable {precision} model: bundle has {_fmt(have)}; installed runtimes: "
-        f"{', '.join(installed_runtimes()) or 'none'}"
-    )
-
-
-def _fmt(pairs: Iterable[tuple[str, str]]) -> str:
-    return ", ".join(f"{r}/{p}" for r, p in pairs) or "none"
-
-
-def _onnxruntime_session(path: Path, threads: int | None) -> tuple[Any, Callable[[np.ndarray], list[np.ndarray]]]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return sess, lambda x: sess.run(None, {name: x})
-
-
-def _openvino_compiled(path: Path, threads: int | None,
-                       f32: bool) -> tuple[Any, Callable[[np.ndarray], list[np.ndarray]]]:
-    import openvino as ov
-
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    if f32:
-        # CPUs with AVX-512 BF16 / AMX would otherwise run the float parts in bfloat16:
-        # keep FP32 fidelity (the accuracy the bundle's metrics were measured at).
-        config["INFERENCE_PRECISION_HINT"] = "f32"
-    compiled = ov.Core().compile_model(str(path), "CPU", config)
-    request = compiled.create_infer_request()
-
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        # The request reuses its output buffers: copy before the next call overwrites them.
-        res = request.infer([x])
-        return [np.array(res[out], copy=True) for out in compiled.outputs]
-
-    return compiled, run
+#: The edge name of :class:`plantml.runtime.InferenceError` (the CLI and callers catch it by this name).
+EdgeError = InferenceError
 
 
 class EdgeModel:
@@ -152,27 +77,23 @@ class EdgeModel:
         threads: int | None = None,
         openvino_f32: bool = True,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise EdgeError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if threads is not None and threads < 1:
-            raise EdgeError(f"threads must be >= 1, got {threads}")
+        # Settings are checked before the bundle is read, so a typo is named as such.
+        self.precision = check_precision(precision)
+        options = SessionOptions(threads=threads, openvino_f32=openvino_f32)
         self.bundle = load_bundle(bundle_dir)
         self.runtime = choose_runtime(self.bundle, precision, runtime)
-        self.precision = precision
         self.threads = threads
         self.openvino_f32 = openvino_f32
         self.model_path = self.bundle.model_path(self.runtime, precision)
         self.spec: InputSpec = self.bundle.input_spec
         self.classes = self.bundle.classes
-        #: the runtime's own object (``onnxruntime.InferenceSession`` or ``openvino.CompiledModel``)
-        self.session: Any = None
+        self.calibration = Calibration.of(self.bundle)
         try:
-            if self.runtime == "openvino":
-                self.session, self._run = _openvino_compiled(self.model_path, threads, openvino_f32)
-            else:
-                self.session, self._run = _onnxruntime_session(self.model_path, threads)
+            self._session = open_session(self.model_path, self.runtime, options)
         except Exception as exc:  # noqa: BLE001 - a runtime refusing the model is a bundle problem
             raise BundleError(f"{self.runtime} could not load {self.model_path}: {exc}") from exc
+        #: the runtime's own object (``onnxruntime.InferenceSession`` or ``openvino.CompiledModel``)
+        self.session: Any = self._session.native
         log.info("loaded %s (%s %s, threads=%s)", self.bundle.root, self.runtime, precision, threads or "default")
 
     def describe(self) -> dict[str, Any]:
@@ -190,11 +111,7 @@ class EdgeModel:
 
     def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """``(logits, ood_scores or None)`` for a preprocessed ``NCHW`` float32 batch."""
-        x = np.ascontiguousarray(batch, dtype=np.float32)
-        expected = (3, self.spec.size, self.spec.size)
-        if x.ndim != 4 or x.shape[1:] != expected:
-            raise EdgeError(f"input batch must have shape (N, {', '.join(map(str, expected))}), got {x.shape}")
-        outs = self._run(x)
+        outs = self._session.run(check_batch(batch, self.spec.size))
         scores = outs[1].reshape(-1) if len(outs) > 1 and self.bundle.ood_threshold is not None else None
         return outs[0], scores
 
@@ -215,9 +132,9 @@ class EdgeModel:
         """
         if not images:
             return []
-        logits, scores = self.outputs(preprocess_batch(images, self.spec))
-        probs = softmax(logits, self.bundle.temperature)
-        abstained, reasons = decide(probs, scores, self.bundle.abstain_threshold, self.bundle.ood_threshold)
+        outs = self._session.run(check_batch(preprocess_batch(images, self.spec), self.spec.size))
+        decided = self.calibration.apply(outs)
+        probs, scores = decided.probabilities, decided.ood_scores
         out = []
         for i, p in enumerate(probs):
             best = int(np.argmax(p))
@@ -225,8 +142,8 @@ class EdgeModel:
                 "label": self.classes[best],
                 "confidence": float(p[best]),
                 "top_k": top_k(p, self.classes, k),
-                "abstained": bool(abstained[i]),
-                "abstain_reason": reasons[i],
+                "abstained": bool(decided.abstained[i]),
+                "abstain_reason": decided.reasons[i],
             }
             if scores is not None:
                 row["ood_score"] = float(scores[i])

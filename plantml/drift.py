@@ -59,7 +59,8 @@ import numpy as np
 from tqdm import tqdm
 
 from plantml.imagestats import STAT_COLUMNS, image_statistics
-from plantml.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, load_image
+from plantml.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, load_image, preprocess_batch
+from plantml.runtime import Calibration, SessionOptions, open_session
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -438,12 +439,11 @@ def images_table(
     """
     import pandas as pd
 
-    from plantml.export import onnxruntime_runner
-    from plantml.preprocess import preprocess_batch, softmax
-
     spec = bundle.input_spec
     classes = bundle.classes
-    run = onnxruntime_runner(bundle.model_path("onnxruntime", "fp32"), threads=threads)
+    calibration = Calibration.of(bundle)
+    # Scored as the service scores (plantml.runtime): ONNX Runtime FP32 is in every bundle.
+    session = open_session(bundle.model_path("onnxruntime", "fp32"), "onnxruntime", SessionOptions(threads=threads))
     pca = _bundle_logit_pca(bundle, len(classes))
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
@@ -459,8 +459,8 @@ def images_table(
             batch_rows.append(image_statistics(img))
         if not imgs:
             continue
-        logits = run(preprocess_batch(imgs, spec))
-        probs = softmax(logits, bundle.temperature)
+        logits = session.run(preprocess_batch(imgs, spec))[0]
+        probs = calibration.probabilities(logits)
         top = probs.argmax(axis=1)
         proj = project_pca(logits, pca) if pca is not None else None
         for i, row in enumerate(batch_rows):

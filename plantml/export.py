@@ -2,9 +2,10 @@
 
 Parity: ONNX Runtime and OpenVINO outputs are compared with torch eager on the same
 inputs at batch sizes 1, 2 and 8; the max absolute logit difference of each is recorded
-in the bundle metadata. OpenVINO's CPU plugin runs FP32 models in bfloat16 on CPUs with
-AVX-512 BF16 unless told otherwise, so the parity check (and any FP32 claim) uses
-``INFERENCE_PRECISION_HINT=f32``.
+in the bundle metadata. Both runtimes are opened by :mod:`plantml.runtime` with the
+service's settings, so parity is measured on the session that will serve. OpenVINO's CPU
+plugin runs FP32 models in bfloat16 on CPUs with AVX-512 BF16 unless told otherwise, so
+the parity check (and any FP32 claim) uses ``INFERENCE_PRECISION_HINT=f32``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from plantml.bundle import METADATA_FILE, SCHEMA_VERSION, BundleWriter
+
+# The exported models are checked in the session the service runs (plantml.runtime);
+# the runner names are re-exported for callers that have always imported them from here.
+from plantml.runtime import onnxruntime_runner, openvino_runner  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -85,48 +90,6 @@ def export_openvino(onnx_path: Path, xml_path: Path) -> Path:
     ov_model = ov.convert_model(str(onnx_path))
     ov.save_model(ov_model, str(xml_path), compress_to_fp16=False)
     return xml_path
-
-
-def onnxruntime_runner(path: Path, threads: int = 1, output: int | None = 0) -> Callable[[np.ndarray], Any]:
-    """A ``batch -> logits`` function over an ONNX Runtime CPU session.
-
-    ``output``: which output to return (0: logits); ``None`` returns the list of all outputs.
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, threads)
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-
-    def run(x: np.ndarray) -> Any:
-        outs = sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})
-        return outs if output is None else outs[output]
-
-    return run
-
-
-def openvino_runner(xml_path: Path, threads: int = 1, f32: bool = True,
-                    output: int | None = 0) -> Callable[[np.ndarray], Any]:
-    """A ``batch -> logits`` function over OpenVINO CPU (``f32`` forces FP32 inference).
-
-    ``output``: which output to return (0: logits); ``None`` returns the list of all outputs.
-    """
-    import openvino as ov
-
-    core = ov.Core()
-    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": max(1, threads)}
-    if f32:
-        config["INFERENCE_PRECISION_HINT"] = "f32"
-    compiled = core.compile_model(str(xml_path), "CPU", config)
-
-    def run(x: np.ndarray) -> Any:
-        res = compiled(np.ascontiguousarray(x, dtype=np.float32))
-        outs = [res[o] for o in compiled.outputs]
-        return outs if output is None else outs[output]
-
-    return run
 
 
 def torch_runner(model: Any, output: int | None = 0) -> Callable[[np.ndarray], Any]:

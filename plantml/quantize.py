@@ -25,7 +25,7 @@ Usage (what the export step of the training flow does)::
 OpenVINO is run with ``INFERENCE_PRECISION_HINT=f32`` for every accuracy figure here: on
 CPUs with AVX-512 BF16 its default would run the float parts in bfloat16, and the gate
 must measure quantization error only. :class:`edge.runtime.EdgeModel` uses the same hint
-by default.
+by default; both open their sessions through :mod:`plantml.runtime`, as this gate does.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-# One definition of each runtime runner, shared with the export parity check (re-exported).
-from plantml.export import onnxruntime_runner, openvino_runner  # noqa: F401
+# The gate measures the session the service runs: the runners of plantml.runtime (re-exported).
+from plantml.runtime import onnxruntime_runner, openvino_runner  # noqa: F401
 from plantml.timing import latency_stats
 
 log = logging.getLogger(__name__)

@@ -22,14 +22,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
+from plantml import runtime as runtime_module
 from plantml.bundle import Bundle, BundleError, load_bundle, verify_files
-from plantml.ood import decide
-from plantml.preprocess import preprocess_batch, softmax
+from plantml.preprocess import preprocess_batch
+from plantml.runtime import Calibration, InferenceError, SessionOptions, check_batch, open_session
 
 from serving.settings import Settings
 
@@ -74,78 +75,17 @@ class BatchResult:
     ood_scores: np.ndarray | None = None  # [N] float32 when the model has an ood_score output
 
 
-def _runtime_importable(runtime: str) -> bool:
-    import importlib.util
-
-    module = "openvino" if runtime == "openvino" else "onnxruntime"
-    return importlib.util.find_spec(module) is not None
-
-
 def choose_runtime(bundle: Bundle, runtime: str, precision: str) -> str:
     """Resolve ``auto`` to a concrete runtime the bundle and this environment support.
 
     Raises:
-        ModelLoadError: if the requested runtime/precision is not in the bundle.
+        ModelLoadError: if the requested runtime/precision is not in the bundle or not installed.
     """
-    have = set(bundle.available())
-    if runtime != "auto":
-        if (runtime, precision) not in have:
-            listed = ", ".join(f"{r}/{p}" for r, p in sorted(have)) or "none"
-            raise ModelLoadError(
-                f"bundle {bundle.root} has no {runtime} {precision} model (available: {listed}); "
-                "set PLANTML_RUNTIME / PLANTML_PRECISION to one of those"
-            )
-        return runtime
-    for candidate in ("openvino", "onnxruntime"):
-        if (candidate, precision) in have and _runtime_importable(candidate):
-            return candidate
-    listed = ", ".join(f"{r}/{p}" for r, p in sorted(have)) or "none"
-    raise ModelLoadError(f"bundle {bundle.root} has no usable {precision} model (available: {listed})")
-
-
-def _onnxruntime_session(model: bytes, threads: int) -> Callable[[np.ndarray], np.ndarray]:
-    """An ONNX Runtime session over the model's (already verified) bytes."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle worker threads spinning for work would steal the CPU the other gunicorn
-    # workers need; a model server is better off sleeping between requests.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        return sess.run(None, {name: x})
-
-    return run
-
-
-def _openvino_model(xml: bytes, weights: bytes, threads: int) -> Callable[[np.ndarray], np.ndarray]:
-    """An OpenVINO compiled model over the IR's (already verified) XML and weights bytes."""
-    import openvino as ov
-
-    core = ov.Core()
-    config: dict[str, Any] = {
-        "INFERENCE_NUM_THREADS": threads,
-        "NUM_STREAMS": 1,
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_PRECISION_HINT": "f32",
-    }
-    model = core.read_model(xml, weights)
-    compiled = core.compile_model(model, "CPU", config)
-    request = compiled.create_infer_request()
-
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        # One infer request per worker; calls are serialised by Predictor's lock. The
-        # request reuses its output buffers: copy before the next call overwrites them.
-        res = request.infer({0: x})
-        return [np.array(res[out], copy=True) for out in compiled.outputs]
-
-    return run
+    try:
+        return runtime_module.choose_runtime(bundle, precision, runtime)
+    except InferenceError as exc:
+        raise ModelLoadError(
+            f"{bundle.root}: {exc}; set PLANTML_RUNTIME / PLANTML_PRECISION to one of those") from exc
 
 
 class Predictor:
@@ -179,6 +119,7 @@ class Predictor:
         self.model_path = bundle.model_path(self.runtime, precision)
         self.classes = bundle.classes
         self.spec = bundle.input_spec
+        self.calibration = Calibration.of(bundle)
         self.temperature = bundle.temperature
         self.abstain_threshold = bundle.abstain_threshold
         self.ood_threshold = bundle.ood_threshold
@@ -186,12 +127,10 @@ class Predictor:
         started = time.perf_counter()
         blobs = self._verified_model_bytes()
         try:
-            if self.runtime == "openvino":
-                if len(blobs) < 2:
-                    raise ModelLoadError(f"bundle lists no weights file for {self.model_path.name}")
-                self._run = _openvino_model(blobs[0], blobs[1], self.threads)
-            else:
-                self._run = _onnxruntime_session(blobs[0], self.threads)
+            if self.runtime == "openvino" and len(blobs) < 2:
+                raise ModelLoadError(f"bundle lists no weights file for {self.model_path.name}")
+            self._session = open_session(blobs[0], self.runtime, SessionOptions(threads=self.threads),
+                                         weights=blobs[1] if len(blobs) > 1 else None)
             del blobs
         except ModelLoadError:
             raise
@@ -230,7 +169,7 @@ class Predictor:
     def _warm_up(self) -> None:
         """One forward pass at load: the first call pays for kernel selection, and checks the output shape."""
         x = np.zeros((1, 3, self.spec.size, self.spec.size), dtype=np.float32)
-        outs = self._run(x)
+        outs = self._session.run(x)
         out = outs[0]
         if out.ndim != 2 or out.shape != (1, len(self.classes)):
             raise ModelLoadError(
@@ -245,18 +184,13 @@ class Predictor:
         Raises:
             ValueError: if the batch shape does not match the bundle's input spec.
         """
-        expected = (3, self.spec.size, self.spec.size)
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected or batch.shape[0] < 1:
-            raise ValueError(f"input shape {list(batch.shape)} does not match [N, {', '.join(map(str, expected))}]")
-        x = np.ascontiguousarray(batch, dtype=np.float32)
+        x = check_batch(batch, self.spec.size)
         with self._lock:
             started = time.perf_counter()
-            outs = self._run(x)
+            outs = self._session.run(x)
             elapsed = time.perf_counter() - started
-        probs = softmax(outs[0], self.temperature)
-        scores = outs[1].reshape(-1).astype(np.float32) if self.ood_threshold is not None else None
-        abstained, reasons = decide(probs, scores, self.abstain_threshold, self.ood_threshold)
-        return BatchResult(probs, elapsed, abstained, reasons, scores)
+        decided = self.calibration.apply(outs)
+        return BatchResult(decided.probabilities, elapsed, decided.abstained, decided.reasons, decided.ood_scores)
 
     def predict_images(self, images: Sequence[Image.Image]) -> BatchResult:
         """Preprocess decoded RGB images with the bundle's input spec and run them."""

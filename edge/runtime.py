@@ -132,8 +132,8 @@ class EdgeModel:
         """
         if not images:
             return []
-        outs = self._session.run(check_batch(preprocess_batch(images, self.spec), self.spec.size))
-        decided = self.calibration.apply(outs)
+        logits, scores = self.outputs(preprocess_batch(images, self.spec))
+        decided = self.calibration.apply([logits] if scores is None else [logits, scores])
         probs, scores = decided.probabilities, decided.ood_scores
         out = []
         for i, p in enumerate(probs):

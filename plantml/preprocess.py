@@ -315,6 +315,18 @@ def normalize(hwc_uint8: np.ndarray, spec: InputSpec) -> np.ndarray:
     return (chw - mean) / std
 
 
+def normalize_batch(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """``uint8 [N,H,W,3]`` (already resized) -> normalised ``float32 [N,3,H,W]``: :func:`normalize` per batch.
+
+    The training loader's uint8 cache and the OOD feature pass use it; it lives here, not
+    in :mod:`plantml.training`, so that models need not import training to reuse it.
+    """
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
+    x = images.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
+    return np.ascontiguousarray((x - mean) / std)
+
+
 def preprocess_image(img: Image.Image, spec: InputSpec) -> np.ndarray:
     """The one model-input function: RGB image -> ``float32`` CHW tensor."""
     return normalize(resize_center_crop(img, spec.size), spec)

@@ -119,7 +119,6 @@ class Predictor:
         self.model_path = bundle.model_path(self.runtime, precision)
         self.classes = bundle.classes
         self.spec = bundle.input_spec
-        self.calibration = Calibration.of(bundle)
         self.temperature = bundle.temperature
         self.abstain_threshold = bundle.abstain_threshold
         self.ood_threshold = bundle.ood_threshold
@@ -157,6 +156,11 @@ class Predictor:
             return [self.bundle.read_verified(f["path"]) for f in self.bundle.model_files(self.runtime, self.precision)]
         except BundleError as exc:
             raise ModelLoadError(str(exc)) from exc
+
+    @property
+    def calibration(self) -> Calibration:
+        """Temperature and abstention thresholds as they are now (tests and operators may adjust them)."""
+        return Calibration(self.temperature, self.abstain_threshold, self.ood_threshold)
 
     @property
     def name(self) -> str:

@@ -1,6 +1,7 @@
 """The one-way data flow of DESIGN.md, checked on the source and at import time."""
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,38 @@ def test_no_forbidden_imports(package, forbidden):
 def test_torch_free_modules_do_not_pull_torch():
     """Importing what serving and edge share must not import torch at run time either."""
     code = ("import sys; import plantml, plantml.config, plantml.bundle, plantml.preprocess, plantml.imagestats;"
-            "bad=[m for m in ('torch','timm','metaflow','mlflow') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+            "bad=[m for m in ('torch','timm','metaflow','mlflow') if m in sys.modules];"
+            "print(bad); sys.exit(bool(bad))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _lint_imports() -> str:
+    """The ``lint-imports`` script of this interpreter's environment (the dev extra installs it)."""
+    beside = Path(sys.executable).with_name("lint-imports")
+    found = str(beside) if beside.is_file() else shutil.which("lint-imports")
+    if found is None:
+        pytest.fail("lint-imports not found: install the dev extra (pip install -e '.[dev]' -c constraints.txt)")
+    return found
+
+
+def test_import_contracts_hold():
+    """The import-linter contracts in setup.cfg: inference is torch-free, edge is offline, the flow is one-way."""
+    proc = subprocess.run([_lint_imports(), "--no-cache"], capture_output=True, text=True, cwd=REPO_ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "0 broken" in proc.stdout
+
+
+def test_shared_runtime_imports_light():
+    """What the edge binary and every gunicorn worker import first pulls no data-science stack in.
+
+    import-linter cannot say this: it follows imports inside function bodies (plantml.ood
+    fits its OOD model with scikit-learn, lazily), while this is about what importing costs.
+    """
+    heavy = ("torch", "timm", "metaflow", "mlflow", "pandas", "sklearn", "scipy", "matplotlib", "flask",
+             "onnxruntime", "openvino")
+    code = ("import sys; import plantml.runtime, plantml.ood, edge.runtime;"
+            f"bad=[m for m in {heavy!r} if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr

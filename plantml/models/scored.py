@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from plantml.preprocess import normalize_batch
+
 
 def split_head(model: Any) -> tuple[Any, Any]:
     """``(features_fn, classifier)``: the model up to its penultimate features, and its last layer.
@@ -91,8 +93,6 @@ def extract_features(model: Any, x: np.ndarray, spec: Any = None,
         spec: the :class:`~plantml.preprocess.InputSpec` for ``uint8`` images.
     """
     import torch
-
-    from plantml.training import normalize_batch
 
     feats, logits = [], []
     model = model.eval()

@@ -45,6 +45,14 @@ def prepare_card(summary: Mapping[str, Any], class_chart: str | None) -> list[An
         f"exact-duplicate files kept within one split: {summary['n_duplicate_files']}. "
         f"Manifest sha256 `{summary['manifest_sha256'][:16]}…`."
     ))
+    domains = summary.get("domains") or {}
+    if domains:
+        parts.append(Table([[d, f"`{v['root']}`", v["layout"], _f(v["weight"], 2),
+                             "/".join(str(x) for x in v["split"]) if v.get("split") else "data.split",
+                             v["n_images"], v["splits"]["train"], v["splits"]["val"], v["splits"]["test"],
+                             len(v["counts"])] for d, v in domains.items()],
+                           headers=["domain", "source", "layout", "sampling weight", "split", "images", "train", "val",
+                                    "test", "classes"]))
     parts += _img(class_chart, "images per class and split")
     rows = [[c, v["train"], v["val"], v["test"]] for c, v in summary["counts"].items()]
     parts.append(Table(rows, headers=["class", "train", "val", "test"]))
@@ -165,6 +173,7 @@ def evaluate_card(report: Mapping[str, Any], train_errors: Mapping[str, str]) ->
         f"**{report['non_leaf']['abstain_rate']:.0%}** of {report['non_leaf']['n']} generated non-leaf images and "
         f"**{report['non_leaf']['photo_abstain_rate']:.0%}** of {report['non_leaf']['n_photos']} non-leaf photos."
     ))
+    parts += domain_parts(report)
     parts += _img(champ["plots"].get("reliability"), "reliability diagram")
     parts += _img(report["plots"].get("coverage"), "coverage vs accuracy")
     ood = report.get("ood")
@@ -197,6 +206,51 @@ def evaluate_card(report: Mapping[str, Any], train_errors: Mapping[str, str]) ->
     parts += _img(report["plots"].get("robustness"), "accuracy vs corruption severity")
     parts.append(Table([[r["corruption"], r["severity"], _f(r["accuracy"])] for r in report["robustness"]["rows"]],
                        headers=["corruption", "severity", "accuracy"]))
+    return parts
+
+
+def domain_parts(report: Mapping[str, Any]) -> list[Any]:
+    """Per-domain evidence: metrics per kind of photo, the abstain rule per domain, domain gates, the shortcut check."""
+    by_domain = report.get("by_domain") or {}
+    if not by_domain:
+        return []
+    rows = []
+    for d, m in by_domain.items():
+        lo, hi = m["accuracy_ci95"]
+        rows.append([d, m["n"], f"{m['accuracy']:.4f} [{_f(lo, 3)}, {_f(hi, 3)}]", _f(m["macro_f1"]), _f(m["ece"]),
+                     _f(m["coverage"], 3), _f(m["accuracy_on_answered"]), len(m["classes"])])
+    parts: list[Any] = [Markdown("## Per domain (champion, test split)
+accuracy with its Wilson 95 % interval; "
+                                 "macro-F1 over the classes that domain holds; ECE after temperature scaling; "
+                                 "coverage and accuracy on answered images under the bundle's abstain rule."),
+                        Table(rows, headers=["domain", "images", "accuracy [95 % CI]", "macro-F1", "ECE", "coverage",
+                                             "accuracy on answered", "classes"])]
+    for w in (report.get("domain_abstention") or {}).get("warnings", []):
+        parts.append(Markdown(f"⚠️ {w}"))
+    gates = report.get("domain_gates") or []
+    if gates:
+        parts.append(Table([[g["domain"], g["metric"], g["bound"], _f(g["value"]),
+                             {True: "passed", False: "FAILED", None: "not applicable"}[g["passed"]]] for g in gates],
+                           headers=["domain gate", "metric", "bound", "value", "result"]))
+    for d, m in by_domain.items():
+        if d != "lab" and len(m["classes"]) <= 12:  # a small domain's confusion is readable as a table
+            conf = m["confusion"]
+            parts.append(Markdown(f"**{d} confusion** (rows: true class; `other`: a class outside this domain)"))
+            parts.append(Table([[c, *row] for c, row in zip(conf["classes"], conf["matrix"])],
+                               headers=["true \\ predicted", *conf["columns"]]))
+    sc = report.get("shortcut") or {}
+    if sc.get("applicable"):
+        parts.append(Markdown(
+            f"## Background shortcut check
+{sc['n']} lab leaves of crops without field photos, cut out on their "
+            f"plain backdrop and pasted onto backgrounds cut from field test photos: **{sc['target_rate']:.1%}** "
+            f"predicted as a field crop ({', '.join(sc['target_classes'])}); on their own backdrop "
+            f"{sc['target_rate_original']:.1%}. Accuracy {sc['accuracy_original']:.3f} on the backdrop → "
+            f"{sc['accuracy_pasted']:.3f} on field backgrounds. A high share means the model learned "
+            f"\"orchard background ⇒ {sc['target_classes'][0].split('___')[0]}\" (gate: "
+            f"robustness.max_shortcut_rate = {sc.get('max_target_rate')})."))
+    elif sc:
+        parts.append(Markdown(f"*Background shortcut check: not applicable ({sc.get('reason')}).*"))
     return parts
 
 

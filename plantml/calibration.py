@@ -471,6 +471,41 @@ def calibration_summary(
     }
 
 
+def domain_abstention(val_by_domain: dict[str, dict[str, Any]], test_by_domain: dict[str, dict[str, Any]],
+                      min_coverage: float) -> dict[str, Any]:
+    """The one abstain rule checked domain by domain: does it silently refuse a whole kind of photo?
+
+    The threshold is chosen once, on all validation images (most of them lab photos); a
+    rule tuned that way can refuse nearly every field photo while the overall coverage
+    looks fine. A domain whose validation or test coverage falls below ``min_coverage``
+    is flagged ``collapsed`` and logged as a warning (the run goes on: whether that fails
+    it is a per-domain gate's business, ``evaluate.gates`` with ``metric: coverage``).
+
+    Args:
+        val_by_domain, test_by_domain: :func:`plantml.evaluation.domain_metrics` of each split.
+        min_coverage: ``calibration.min_coverage``.
+
+    Returns:
+        ``{"min_coverage", "domains": {domain: {"val_coverage", "test_coverage",
+        "test_accuracy_on_answered", "collapsed"}}, "warnings": [...]}``.
+    """
+    domains: dict[str, Any] = {}
+    warnings: list[str] = []
+    for d in sorted(set(val_by_domain) | set(test_by_domain)):
+        val_cov = val_by_domain.get(d, {}).get("coverage", float("nan"))
+        test_cov = test_by_domain.get(d, {}).get("coverage", float("nan"))
+        collapsed = any(c < min_coverage for c in (val_cov, test_cov) if not math.isnan(c))
+        domains[d] = {"val_coverage": val_cov, "test_coverage": test_cov,
+                      "test_accuracy_on_answered": test_by_domain.get(d, {}).get("accuracy_on_answered"),
+                      "collapsed": collapsed}
+        if collapsed:
+            msg = (f"abstention collapses on {d} photos: coverage validation {val_cov:.3f}, test {test_cov:.3f} "
+                   f"< calibration.min_coverage {min_coverage}")
+            log.warning(msg)
+            warnings.append(msg)
+    return {"min_coverage": float(min_coverage), "domains": domains, "warnings": warnings}
+
+
 # --------------------------------------------------------------------------- plots
 
 

@@ -183,12 +183,54 @@ def _check_items(value: tuple | list | dict, rule: Rule, key: str) -> None:
 # --------------------------------------------------------------------------- the parameters
 
 
+_DOMAIN = r"^[A-Za-z][A-Za-z0-9_-]*$"   # a domain name: also a metric-key and CLI-safe word
+
+
+@dataclass(frozen=True)
+class SourceParams:
+    """One data source of a run: a folder of class folders from one kind of photo (a *domain*)."""
+
+    domain: str = param("lab", "kind of photo, e.g. lab or field (reported separately)", pattern=_DOMAIN)
+    path: str = param("", "dataset folder or s3:// prefix (PlantVillage layout)", pattern=r"\S")
+    weight: float | None = param(None, "training sampling weight of each image (2: seen twice as often); null: "
+                                       "data.domains.<domain>.weight", gt=0, le=100)
+    split: tuple[float, float, float] | None = param(None, "train / val / test fractions for this source "
+                                                     "(null: data.domains.<domain>.split, else data.split)",
+                                                     item=Rule(ge=0, le=1))
+
+    def validate(self) -> None:
+        """A split of its own must be a proper one."""
+        _check_split(self.split, f"data.sources[{self.domain}].split")
+
+
+@dataclass(frozen=True)
+class DomainParams:
+    """Settings of every source of one domain (also for sources given as ``--data-dir DOMAIN=PATH``)."""
+
+    weight: float = param(1.0, "training sampling weight of each image of this domain", gt=0, le=100)
+    split: tuple[float, float, float] | None = param(None, "train / val / test fractions (null: data.split)",
+                                                     item=Rule(ge=0, le=1))
+
+    def validate(self) -> None:
+        """A split of its own must be a proper one."""
+        _check_split(self.split, "data.domains.<domain>.split")
+
+
+def _check_split(split: tuple[float, ...] | None, key: str) -> None:
+    if split is not None and (abs(sum(split) - 1) > 1e-6 or split[0] <= 0):
+        raise ParamsError(f"{key} must be three fractions (train > 0) summing to 1, got {list(split)}")
+
+
 @dataclass(frozen=True)
 class DataParams:
     """Where the images come from and how they are split and sharded."""
 
-    data_dir: str | None = param(None, "dataset folder or s3:// prefix (PlantVillage layout); null: the synthetic "
-                                       "DEMO set", pattern=r"\S")
+    data_dir: str | None = param(None, "dataset folder or s3:// prefix (PlantVillage layout), or several as "
+                                       "DOMAIN=PATH,DOMAIN=PATH; set, it replaces data.sources; null: data.sources, "
+                                       "or the synthetic DEMO set", pattern=r"\S")
+    sources: tuple[SourceParams, ...] = param((), "data sources, one per domain (used when data.data_dir is null)")
+    domains: dict[str, DomainParams] = param(doc="per-domain sampling weight and split (domain: settings)",
+                                             factory=dict, key_pattern=_DOMAIN)
     demo_dir: str = param("data/demo", "where the DEMO set is generated (git-ignored)", pattern=r"\S")
     demo_classes: int = param(6, "classes of the DEMO set", ge=2, le=8)
     demo_images_per_class: int = param(40, "images per DEMO class", ge=10)
@@ -204,6 +246,12 @@ class DataParams:
         """Cross-field rules the per-key declaration cannot express."""
         if abs(sum(self.split) - 1) > 1e-6 or self.split[0] <= 0:
             raise ParamsError(f"data.split must be three fractions (train > 0) summing to 1, got {list(self.split)}")
+        domains = [s.domain for s in self.sources]
+        if len(set(domains)) != len(domains):
+            raise ParamsError(f"data.sources: each domain may appear once, got {domains}")
+        for i, s in enumerate(self.sources):
+            if not s.path:
+                raise ParamsError(f"data.sources[{i}].path must be a folder or s3:// prefix, got an empty string")
 
 
 @dataclass(frozen=True)
@@ -243,6 +291,8 @@ class TrainParams:
     num_threads: int = param(0, "torch threads; 0: CPU quota // parallel branches", ge=0)
     loader_workers: int = param(-1, "DataLoader processes; -1: from the CPU quota", ge=-1)
     shuffle_buffer: int = param(512, "samples per loader worker's shuffle buffer", ge=0)
+    background_replace: float = param(0.0, "share of plain-backdrop (lab) training images put on a random "
+                                           "cluttered background (augmentation)", ge=0, le=1)
     distributed: DistributedParams = param(doc="data-parallel training", factory=DistributedParams)
     seed: int = param(42, "seed of initialisation, augmentation and order", ge=0)
     out_dir: str = param("artifacts/train", "where `plantml train` writes each model", pattern=r"\S")
@@ -250,14 +300,37 @@ class TrainParams:
                                            min_items=1, key_pattern=r"^[A-Za-z0-9_-]+$")
 
 
+GATE_METRICS = ("accuracy", "macro_f1", "coverage", "accuracy_on_answered", "ece")
+
+
+@dataclass(frozen=True)
+class GateParams:
+    """One quality gate on one domain's test metrics (``ece``: a ceiling, the others: floors)."""
+
+    domain: str = param("field", "the domain whose test images are gated", pattern=_DOMAIN)
+    metric: str = param("accuracy", "metric of evaluate's per-domain report", choices=GATE_METRICS)
+    min: float | None = param(None, "the run fails below this", ge=0, le=1)
+    max: float | None = param(None, "the run fails above this", ge=0, le=1)
+    required: bool = param(False, "fail when the domain has no test images (false: recorded as not applicable)")
+
+    def validate(self) -> None:
+        """Exactly one bound."""
+        if (self.min is None) == (self.max is None):
+            raise ParamsError(f"evaluate.gates ({self.domain} {self.metric}): give exactly one of min or max")
+
+
 @dataclass(frozen=True)
 class EvaluateParams:
     """Champion choice and quality gates."""
 
     champion_metric: str = param("macro_f1", "highest wins", choices=("macro_f1", "accuracy"))
+    champion_domain: str | None = param(None, "champion_metric measured on this domain's test images (null: all)",
+                                        pattern=_DOMAIN)
     champion_tie_tolerance: float = param(0.005, "within this of the best, the faster model wins", ge=0, le=1)
     min_macro_f1: float = param(0.5, "quality gate: the run fails below this", ge=0, le=1)
     min_accuracy: float = param(0.5, "quality gate: the run fails below this", ge=0, le=1)
+    gates: tuple[GateParams, ...] = param((), "per-domain quality gates, e.g. {domain: field, metric: accuracy, "
+                                              "min: 0.8}")
     out_dir: str = param("artifacts/eval", "where `plantml evaluate` writes", pattern=r"\S")
 
 
@@ -282,6 +355,9 @@ class RobustnessParams:
     min_relative_accuracy: float = param(0.0, "gate: mean corrupted accuracy / clean accuracy", ge=0, le=1)
     max_images: int = param(300, "stratified test subset of the sweep", ge=1)
     background_border: int = param(8, "border pixels the background-only baseline sees", ge=1)
+    shortcut_max_images: int = param(200, "lab leaves pasted onto field backgrounds by the shortcut check", ge=1)
+    max_shortcut_rate: float = param(1.0, "gate: share of those predicted as a field crop (1: report only)",
+                                     ge=0, le=1)
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,17 @@ Accepted layouts (``root`` is what the user passes as ``--data-dir``):
   pre-split Kaggle variant: ``train`` stays train, the held-out folders are split
   (stratified) into validation and test.
 
-The manifest lists every readable image with its class, split and sha256. Exact
-duplicates (same sha256) are grouped so that they always land in the same split.
-Unreadable or non-image files are reported and skipped, and counted; they never stop a
-run. The split is stratified per class and deterministic for the seed.
+A run may read several *sources*, one per **domain** (the kind of photo: ``lab`` for
+PlantVillage's plain-backdrop photos, ``field`` for orchard photos, ...): ``data.sources``
+in params.yaml, or ``--data-dir lab=PATH,field=PATH`` (:func:`parse_data_dir`; a plain path
+is one source of domain ``lab``). The class list is the union of the sources' classes.
+
+The manifest lists every readable image with its domain, class, split and sha256. Exact
+duplicates (same sha256) are grouped so that they always land in the same split, even
+across sources. Unreadable or non-image files are reported and skipped, and counted;
+they never stop a run. The split is stratified per (domain, class) and deterministic for
+the seed; a source may have split fractions of its own (e.g. to hold out more field
+photos for a tighter interval on field accuracy).
 
 Torch-free (albumentations and numpy only).
 """
@@ -26,19 +33,21 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from plantml import shards as sh
 from plantml import storage
+from plantml.backdrop import replace_background
 from plantml.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, resize_center_crop
 from plantml.resources import available_cores
 
@@ -48,7 +57,10 @@ SPLITS = ("train", "val", "test")
 _PRESPLIT_TRAIN = ("train", "training")
 _PRESPLIT_HELDOUT = ("valid", "val", "validation", "test")
 MIN_IMAGES_PER_CLASS = 3
-MANIFEST_COLUMNS = ("path", "label", "split", "sha256", "width", "height", "key")
+MANIFEST_COLUMNS = ("path", "label", "split", "sha256", "width", "height", "key", "domain")
+#: The domain of a source given as a plain path (PlantVillage: lab photos on a plain backdrop).
+DEFAULT_DOMAIN = "lab"
+_DOMAIN_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9_-]*)=(.*)$")
 
 
 class DataError(ValueError):
@@ -64,6 +76,60 @@ class ManifestRow:
     width: int
     height: int
     key: str = ""  # the sample's key in the shards ("" until the shards are written)
+    domain: str = DEFAULT_DOMAIN
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One source of images: a folder (or ``s3://`` prefix) of class folders, from one domain.
+
+    Attributes:
+        domain: the kind of photo (``lab``, ``field``, ...); every metric is also reported per domain.
+        root: the folder or prefix.
+        weight: training sampling weight of each image (:mod:`plantml.loader` repeats
+            samples); ``None``: not set here (1, or ``data.domains`` in a run).
+        split: train/val/test fractions of its own (``None``: the run's).
+    """
+
+    domain: str
+    root: str
+    weight: float | None = None
+    split: tuple[float, float, float] | None = None
+
+
+def parse_data_dir(text: str, default_domain: str = DEFAULT_DOMAIN) -> list[DataSource]:
+    """Parse ``--data-dir``: a plain path (one source) or ``DOMAIN=PATH,DOMAIN=PATH``.
+
+    A comma starts a new source only when ``DOMAIN=`` follows it, so paths that contain
+    commas (PlantVillage's ``Pepper,_bell`` class folders sit below the root, but a root
+    may have one too) stay whole.
+
+    Raises:
+        DataError: an empty text, an empty path or a domain named twice.
+    """
+    text = text.strip()
+    if not text:
+        raise DataError("empty data directory")
+    if not _DOMAIN_PREFIX.match(text):
+        return [DataSource(default_domain, text)]
+    parts = re.split(r",(?=[A-Za-z][A-Za-z0-9_-]*=)", text)
+    sources = []
+    for part in parts:
+        m = _DOMAIN_PREFIX.match(part.strip())
+        if m is None or not m.group(2).strip():
+            raise DataError(f"--data-dir part {part!r} must look like DOMAIN=PATH")
+        sources.append(DataSource(m.group(1), m.group(2).strip()))
+    domains = [s.domain for s in sources]
+    if len(set(domains)) != len(domains):
+        raise DataError(f"--data-dir names a domain twice: {domains}")
+    return sources
+
+
+def format_sources(sources: Sequence[DataSource]) -> str:
+    """The sources as ``--data-dir`` text (a single default-domain source: its plain path)."""
+    if len(sources) == 1 and sources[0].domain == DEFAULT_DOMAIN:
+        return sources[0].root
+    return ",".join(f"{s.domain}={s.root}" for s in sources)
 
 
 @dataclass
@@ -81,6 +147,8 @@ class DatasetSummary:
     n_duplicate_files: int = 0
     manifest_sha256: str = ""
     is_demo: bool = False
+    #: per domain: root, layout, weight, n_images and {class: {split: n}}
+    domains: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -249,6 +317,7 @@ def _decode_one(root: str, rel: str, size: int | None) -> tuple[dict[str, Any] |
 def scan_images(
     root: str, candidates: Sequence[tuple[str, str, str]], max_per_class: int | None = None,
     progress: bool = True, staging: PixelStaging | None = None, threads: int | None = None,
+    domain: str = DEFAULT_DOMAIN, slot_offset: int = 0,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Decode every candidate file once; keep the readable ones.
 
@@ -256,9 +325,13 @@ def scan_images(
     and S3 reads wait on the network). With ``staging``, each image's resized pixels and
     original bytes are parked there under the item's ``slot``.
 
+    Args:
+        domain: recorded on every item.
+        slot_offset: first staging slot (sources of one run share the staging file).
+
     Returns:
         ``(items, skipped)``: items have path (relative to the root), label, source,
-        sha256, width, height and slot; skipped have path and reason.
+        domain, sha256, width, height and slot; skipped have path and reason.
     """
     chosen: list[tuple[str, str, str]] = []
     per_class: Counter[str] = Counter()
@@ -275,14 +348,14 @@ def scan_images(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda c: _decode_one(root, c[2], size), chosen)
         for slot, ((source, label, rel), (item, reason, payload)) in enumerate(
-                tqdm(zip(chosen, results), total=len(chosen), desc="scan images", unit="img",
-                     disable=not progress, mininterval=2)):
+                tqdm(zip(chosen, results), total=len(chosen), desc=f"scan {domain} images", unit="img",
+                     disable=not progress, mininterval=2), start=slot_offset):
             if item is None:
-                skipped.append({"path": rel, "reason": str(reason)})
+                skipped.append({"path": rel, "reason": str(reason), "domain": domain})
                 continue
             if staging is not None:
                 staging.put(slot, payload[0], payload[1])
-            items.append({"path": rel, "label": label, "source": source, "slot": slot, **item})
+            items.append({"path": rel, "label": label, "source": source, "domain": domain, "slot": slot, **item})
     return items, skipped
 
 
@@ -306,50 +379,61 @@ def _split_counts(n: int, fractions: Sequence[float]) -> tuple[int, int, int]:
     return n_train, n_val, n_test
 
 
-def assign_splits(items: list[dict[str, Any]], fractions: Sequence[float], seed: int) -> list[ManifestRow]:
+def assign_splits(items: list[dict[str, Any]], fractions: Sequence[float], seed: int,
+                  domain_fractions: Mapping[str, Sequence[float]] | None = None) -> list[ManifestRow]:
     """Stratified, deterministic split that keeps exact duplicates together.
 
-    Files sharing a sha256 form one group; a group goes wholly into one split. Within a
-    class, groups are ordered by ``sha256(seed|hash)`` and cut at the fractions. For a
-    pre-split dataset, ``train`` items stay in train and held-out items are divided
-    between val and test in the ratio of those fractions.
+    Files sharing a sha256 form one group; a group goes wholly into one split, whatever
+    source or domain its copies come from. Within a (domain, class), groups are ordered by
+    ``sha256(seed|hash)`` and cut at the fractions (``domain_fractions[domain]`` where
+    given). For a pre-split dataset, ``train`` items stay in train and held-out items are
+    divided between val and test in the ratio of those fractions.
     """
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for it in items:
         groups[it["sha256"]].append(it)
     # A byte-identical file under two class names is ambiguous: keep the first label.
-    by_class: dict[tuple[str, str], list[str]] = defaultdict(list)
+    by_class: dict[tuple[str, str, str], list[str]] = defaultdict(list)
     label_of: dict[str, str] = {}
     for sha, members in groups.items():
         labels = sorted({m["label"] for m in members})
         if len(labels) > 1:
             log.warning("identical file under several classes %s (%s); using %s", labels, members[0]["path"], labels[0])
         label_of[sha] = labels[0]
+        # A file in two domains is stratified with the first domain's images (its copies follow it).
+        domain = min(m.get("domain", DEFAULT_DOMAIN) for m in members)
         pool = "train" if all(m["source"] == "train" for m in members) and members[0]["source"] == "train" else (
             "heldout" if all(m["source"].startswith("heldout") for m in members) else "all"
         )
-        by_class[(labels[0], pool)].append(sha)
+        by_class[(domain, labels[0], pool)].append(sha)
     split_of: dict[str, str] = {}
-    for (label, pool), shas in sorted(by_class.items()):
+    for (domain, label, pool), shas in sorted(by_class.items()):
+        fractions_here = (domain_fractions or {}).get(domain) or fractions
         ordered = sorted(shas, key=lambda s: _rank(seed, s))
         if pool == "train":
             for s in ordered:
                 split_of[s] = "train"
             continue
         if pool == "heldout":
-            total = fractions[1] + fractions[2]
-            n_val = int(round(len(ordered) * fractions[1] / total)) if total else 0
+            total = fractions_here[1] + fractions_here[2]
+            n_val = int(round(len(ordered) * fractions_here[1] / total)) if total else 0
             for i, s in enumerate(ordered):
                 split_of[s] = "val" if i < n_val else "test"
             continue
-        n_train, n_val, _ = _split_counts(len(ordered), fractions)
+        n_train, n_val, _ = _split_counts(len(ordered), fractions_here)
         for i, s in enumerate(ordered):
             split_of[s] = "train" if i < n_train else ("val" if i < n_train + n_val else "test")
     rows = [
-        ManifestRow(m["path"], label_of[sha], split_of[sha], sha, m["width"], m["height"])
+        ManifestRow(m["path"], label_of[sha], split_of[sha], sha, m["width"], m["height"],
+                    domain=m.get("domain", DEFAULT_DOMAIN))
         for sha, members in groups.items() for m in members
     ]
-    return sorted(rows, key=lambda r: (r.label, r.split, r.path))
+    return sorted(rows, key=_row_order)
+
+
+def _row_order(r: ManifestRow) -> tuple[str, str, str, str]:
+    """Manifest order: by class, split, domain, path (one domain: the order it always had)."""
+    return (r.label, r.split, r.domain, r.path)
 
 
 # --------------------------------------------------------------------------- manifest I/O
@@ -369,7 +453,7 @@ def _write_rows(fh: Any, rows: Sequence[ManifestRow]) -> None:
     writer = csv.writer(fh)
     writer.writerow(MANIFEST_COLUMNS)
     for r in rows:
-        writer.writerow([r.path, r.label, r.split, r.sha256, r.width, r.height, r.key])
+        writer.writerow([r.path, r.label, r.split, r.sha256, r.width, r.height, r.key, r.domain])
 
 
 def manifest_bytes(rows: Sequence[ManifestRow]) -> bytes:
@@ -390,7 +474,7 @@ def read_manifest_bytes(data: bytes) -> list[ManifestRow]:
     """Parse manifest CSV bytes (as stored beside the shards)."""
     return [
         ManifestRow(r["path"], r["label"], r["split"], r["sha256"], int(r["width"]), int(r["height"]),
-                    r.get("key") or "")
+                    r.get("key") or "", r.get("domain") or DEFAULT_DOMAIN)  # manifests before domains: one lab source
         for r in csv.DictReader(io.StringIO(data.decode()))
     ]
 
@@ -399,7 +483,9 @@ def manifest_digest(rows: Sequence[ManifestRow]) -> str:
     """Content hash of a manifest (independent of where it is written)."""
     h = hashlib.sha256()
     for r in rows:
-        h.update(f"{r.label}|{r.split}|{r.sha256}\n".encode())
+        # The default domain adds nothing, so a one-source manifest keeps the digest it always had.
+        extra = "" if r.domain == DEFAULT_DOMAIN else f"|{r.domain}"
+        h.update(f"{r.label}|{r.split}|{r.sha256}{extra}\n".encode())
     return h.hexdigest()
 
 
@@ -407,7 +493,7 @@ def manifest_digest(rows: Sequence[ManifestRow]) -> str:
 
 
 def prepare_dataset(
-    root: str | os.PathLike[str],
+    root: str | os.PathLike[str] | Sequence[DataSource],
     fractions: Sequence[float] = (0.7, 0.2, 0.1),
     seed: int = 42,
     max_per_class: int | None = None,
@@ -415,9 +501,11 @@ def prepare_dataset(
     progress: bool = True,
     staging: PixelStaging | None = None,
 ) -> tuple[list[ManifestRow], DatasetSummary]:
-    """Scan ``root`` (a local folder or an ``s3://`` prefix), skip unreadable files, split, and summarise.
+    """Scan the sources (local folders or ``s3://`` prefixes), skip unreadable files, split, and summarise.
 
     Args:
+        root: one folder/prefix (one source of domain ``lab``) or a list of :class:`DataSource`.
+        max_per_class: cap per (domain, class).
         staging: when given, every readable image's resized pixels and original bytes
             are parked there (see :func:`write_shards`), so each image is decoded once.
 
@@ -425,11 +513,30 @@ def prepare_dataset(
         DataError: missing folder, fewer than two usable classes, or a class too small
             to split — each with a one-line message naming the problem.
     """
-    root = str(root) if storage.is_s3(root) else str(Path(root).expanduser().resolve())
-    layout, candidates, class_names = list_candidates(root)
-    items, skipped = scan_images(root, candidates, max_per_class=max_per_class, progress=progress, staging=staging)
+    sources = [DataSource(DEFAULT_DOMAIN, str(root))] if isinstance(root, (str, os.PathLike)) else list(root)
+    if not sources:
+        raise DataError("no data source given")
+    sources = [DataSource(s.domain, _resolve_root(s.root), s.weight, s.split) for s in sources]
+    items: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    class_names: set[str] = set()
+    layouts: dict[str, str] = {}
+    offset = 0
+    for src in sources:
+        layout, candidates, names = list_candidates(src.root)
+        found, bad = scan_images(src.root, candidates, max_per_class=max_per_class, progress=progress,
+                                 staging=staging, domain=src.domain, slot_offset=offset)
+        offset += len(candidates)  # slots of skipped files stay unused (the staging file is sparse)
+        items += found
+        skipped += bad
+        class_names |= names
+        layouts[src.domain] = layout
+        log.info("source %s (%s, %s layout): %d images, %d skipped", src.domain, src.root, layout, len(found),
+                 len(bad))
     if staging is not None:
-        staging.slot_of = {it["path"]: it["slot"] for it in items}
+        staging.slot_of = {(it["domain"], it["path"]): it["slot"] for it in items}
+    root_text = format_sources(sources)
+    layout = next(iter(layouts.values())) if len(set(layouts.values())) == 1 else "mixed"
     classes = sorted({it["label"] for it in items})
     empty = sorted(class_names - set(classes))
     for c in empty:
@@ -437,7 +544,7 @@ def prepare_dataset(
     if len(classes) < 2:
         found = f"{len(classes)} usable class folder{'s' if len(classes) != 1 else ''}"
         raise DataError(
-            f"{root}: found {found} ({', '.join(classes) or 'none'}); need at least 2 class folders of images "
+            f"{root_text}: found {found} ({', '.join(classes) or 'none'}); need at least 2 class folders of images "
             f"(<root>/<Class>/*.jpg){'; empty: ' + ', '.join(empty) if empty else ''}"
         )
     counts = Counter(it["label"] for it in items)
@@ -447,7 +554,7 @@ def prepare_dataset(
             f"class {small[0]!r} has only {counts[small[0]]} readable image(s); need at least {MIN_IMAGES_PER_CLASS} "
             "to split into train/val/test"
         )
-    rows = assign_splits(items, fractions, seed)
+    rows = assign_splits(items, fractions, seed, {s.domain: s.split for s in sources if s.split})
     split_counts: dict[str, dict[str, int]] = {c: {s: 0 for s in SPLITS} for c in classes}
     for r in rows:
         split_counts[r.label][r.split] += 1
@@ -456,11 +563,32 @@ def prepare_dataset(
         log.warning("skipped %d unreadable or non-image file(s), e.g. %s: %s",
                     len(skipped), skipped[0]["path"], skipped[0]["reason"])
     summary = DatasetSummary(
-        root=root, layout=layout, classes=classes, counts=split_counts, n_images=len(rows),
+        root=root_text, layout=layout, classes=classes, counts=split_counts, n_images=len(rows),
         n_skipped=len(skipped), skipped=skipped[:200], skipped_empty_classes=empty, n_duplicate_files=n_dupes,
-        manifest_sha256=manifest_digest(rows), is_demo=is_demo,
+        manifest_sha256=manifest_digest(rows), is_demo=is_demo, domains=domain_summary(rows, sources, layouts),
     )
     return rows, summary
+
+
+def _resolve_root(root: str) -> str:
+    return str(root) if storage.is_s3(root) else str(Path(root).expanduser().resolve())
+
+
+def domain_summary(rows: Sequence[ManifestRow], sources: Sequence[DataSource],
+                   layouts: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Per domain: where it came from, its weight and split, and its counts per class and split."""
+    out: dict[str, dict[str, Any]] = {}
+    for src in sources:
+        mine = [r for r in rows if r.domain == src.domain]
+        counts: dict[str, dict[str, int]] = {}
+        for r in mine:
+            counts.setdefault(r.label, {s: 0 for s in SPLITS})[r.split] += 1
+        out[src.domain] = {"root": src.root, "layout": layouts.get(src.domain, ""),
+                           "weight": 1.0 if src.weight is None else src.weight,
+                           "split": list(src.split) if src.split else None, "n_images": len(mine),
+                           "splits": {s: sum(1 for r in mine if r.split == s) for s in SPLITS},
+                           "counts": dict(sorted(counts.items()))}
+    return out
 
 
 def save_prepared(rows: Sequence[ManifestRow], summary: DatasetSummary, out_dir: str | os.PathLike[str]) -> Path:
@@ -500,12 +628,17 @@ def write_shards(rows: Sequence[ManifestRow], summary: DatasetSummary, staging: 
         for i, r in enumerate(tqdm(members, desc=f"write {split} shards", unit="img", disable=not progress,
                                    mininterval=2)):
             key = f"{split}{i:07d}"
-            pixels, original = staging.get(staging.slot_of[r.path], with_original=split in writer.originals)
-            writer.write(split, key, pixels, index_of[r.label], {"label": r.label, "path": r.path, "sha256": r.sha256},
+            pixels, original = staging.get(staging.slot_of[(r.domain, r.path)],
+                                           with_original=split in writer.originals)
+            writer.write(split, key, pixels, index_of[r.label],
+                         {"label": r.label, "path": r.path, "sha256": r.sha256, "domain": r.domain},
                          original=original, original_ext=Path(r.path).suffix)
-            keyed.append(ManifestRow(r.path, r.label, r.split, r.sha256, r.width, r.height, key))
-    keyed.sort(key=lambda r: (r.label, r.split, r.path))
-    index = writer.close(manifest_bytes(keyed), summary.manifest_sha256)
+            keyed.append(ManifestRow(r.path, r.label, r.split, r.sha256, r.width, r.height, key, r.domain))
+    keyed.sort(key=_row_order)
+    weights = {d: float(v.get("weight", 1.0)) for d, v in summary.domains.items()}
+    per_domain = {s: dict(Counter(r.domain for r in keyed if r.split == s)) for s in SPLITS}
+    index = writer.close(manifest_bytes(keyed), summary.manifest_sha256, domain_weights=weights,
+                         domain_counts=per_domain)
     log.info("wrote %s shards to %s", {s: len(v.shards) for s, v in index.splits.items()}, store)
     return keyed, index
 
@@ -515,20 +648,36 @@ def rows_for(rows: Sequence[ManifestRow], split: str) -> list[ManifestRow]:
     return [r for r in rows if r.split == split]
 
 
-def augmentation_factory(size: int) -> Any:
-    """``seed -> train_augmentation(size, seed)``, picklable for loader worker processes."""
-    return functools.partial(train_augmentation, size)
+def augmentation_factory(size: int, background_p: float = 0.0) -> Any:
+    """``seed -> train_augmentation(size, seed, background_p)``, picklable for loader worker processes."""
+    return functools.partial(train_augmentation, size, background_p=background_p)
 
 
-def train_augmentation(size: int, seed: int | None = None) -> Any:
+def _background_transform(p: float) -> Any:
+    """An Albumentations transform putting plain-backdrop leaves on random backgrounds (:mod:`plantml.backdrop`)."""
+    import albumentations as A
+
+    class ReplaceBackground(A.ImageOnlyTransform):
+        def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+            return replace_background(img, self.random_generator)
+
+    return ReplaceBackground(p=p)
+
+
+def train_augmentation(size: int, seed: int | None = None, background_p: float = 0.0) -> Any:
     """Albumentations pipeline for training (uint8 HWC in, uint8 HWC out).
 
     Leaves have no canonical orientation, so all flips and 90° turns are label-preserving;
     mild crops, colour jitter and blur mimic framing, lighting and focus differences.
+    With ``background_p > 0``, that share of plain-backdrop (lab) photos first get their
+    backdrop replaced by a random cluttered one, so "plain backdrop" stops being a cue
+    (field photos have no plain backdrop and pass unchanged).
     """
     import albumentations as A
 
+    first = [_background_transform(background_p)] if background_p > 0 else []
     return A.Compose([
+        *first,
         A.RandomResizedCrop(size=(size, size), scale=(0.6, 1.0), ratio=(0.8, 1.25), p=1.0),
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.5),

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from plantml.calibration import expected_calibration_error
 from plantml.plots import pyplot, save_figure
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,112 @@ def check_quality_gates(metrics: Mapping[str, Any], min_macro_f1: float, min_acc
         failures.append(f"accuracy {metrics['accuracy']:.4f} < evaluate.min_accuracy {min_accuracy}")
     if failures:
         raise QualityGateError(f"quality gate failed for champion {name}: " + "; ".join(failures))
+
+
+# --------------------------------------------------------------------------- domains
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``k / n`` (95 % for ``z = 1.96``); ``(nan, nan)`` for ``n = 0``.
+
+    Wilson, not the normal approximation: with 72 field photos and accuracies near 0 or 1
+    the normal interval leaves [0, 1] and undercovers.
+    """
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def domain_metrics(labels: np.ndarray, probs: np.ndarray, domains: Sequence[str], classes: Sequence[str],
+                   threshold: float | None = None, answered: np.ndarray | None = None,
+                   n_bins: int = 15) -> dict[str, dict[str, Any]]:
+    """Accuracy, macro-F1, confusion, ECE, coverage and accuracy-on-answered, per domain.
+
+    Args:
+        labels: integer labels ``[N]``.
+        probs: calibrated probabilities ``[N, C]`` (the ones the bundle answers with).
+        domains: each image's domain (``lab``, ``field``, ...).
+        classes: class names (columns of ``probs``).
+        threshold: the abstain threshold on the top probability (``None``: every image answered).
+        answered: optional extra ``bool [N]`` mask (the OOD rule): an image is answered only
+            when it passes both.
+        n_bins: ECE bins.
+
+    Returns:
+        ``{domain: {...}}``. Macro-F1 and the confusion matrix are over the classes that
+        domain holds (a field set of four apple classes is not scored on 30 absent ones);
+        the confusion matrix has one more column, ``other``, for predictions outside them.
+        ``accuracy_ci95`` is a Wilson interval. ``coverage`` is the answered share;
+        ``accuracy_on_answered`` is NaN when nothing is answered.
+    """
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    labels, probs, domains = np.asarray(labels), np.asarray(probs), np.asarray(list(domains), dtype=object)
+    if not (len(labels) == len(probs) == len(domains)):
+        raise ValueError(f"domain_metrics: {len(labels)} labels, {len(probs)} predictions, {len(domains)} domains")
+    if len(probs) == 0:
+        return {}
+    pred, conf = probs.argmax(1), probs.max(1)
+    accepted = np.ones(len(labels), bool) if threshold is None else conf >= float(threshold)
+    if answered is not None:
+        accepted &= np.asarray(answered, dtype=bool)
+    out: dict[str, dict[str, Any]] = {}
+    for domain in sorted(set(domains.tolist())):
+        m = domains == domain
+        y, p, acc = labels[m], pred[m], accepted[m]
+        present = sorted(set(y.tolist()))
+        correct = int((y == p).sum())
+        n, n_acc = int(m.sum()), int(acc.sum())
+        cm = confusion_matrix(y, np.where(np.isin(p, present), p, -1), labels=[*present, -1])[:-1]
+        out[domain] = {
+            "n": n,
+            "accuracy": correct / n,
+            "accuracy_ci95": list(wilson_interval(correct, n)),
+            "macro_f1": float(f1_score(y, p, labels=present, average="macro", zero_division=0)),
+            "ece": expected_calibration_error(probs[m], y, n_bins),
+            "coverage": n_acc / n,
+            "n_answered": n_acc,
+            "accuracy_on_answered": float((y[acc] == p[acc]).mean()) if n_acc else float("nan"),
+            "accuracy_on_answered_ci95": list(wilson_interval(int((y[acc] == p[acc]).sum()), n_acc)),
+            "classes": [classes[i] for i in present],
+            "confusion": {"classes": [classes[i] for i in present], "columns": [*(classes[i] for i in present),
+                                                                                 "other"],
+                          "matrix": cm.tolist()},
+        }
+    return out
+
+
+def check_domain_gates(by_domain: Mapping[str, Mapping[str, Any]], gates: Sequence[Any]) -> list[dict[str, Any]]:
+    """Each ``evaluate.gates`` entry checked against the champion's per-domain test metrics.
+
+    A gate whose domain has no test images is ``not applicable`` (``passed: None``) unless
+    it is ``required``, then it fails: a field floor cannot pass on a run without field
+    photos by accident.
+
+    Returns:
+        One dict per gate: domain, metric, bound, value, passed (True/False/None), message.
+    """
+    results = []
+    for g in gates:
+        bound = f">= {g.min}" if g.min is not None else f"<= {g.max}"
+        row: dict[str, Any] = {"domain": g.domain, "metric": g.metric, "bound": bound, "value": None}
+        metrics = by_domain.get(g.domain)
+        if metrics is None:
+            row["passed"] = False if g.required else None
+            row["message"] = f"{g.domain} {g.metric} {bound}: no {g.domain} test images" + (
+                "" if g.required else " (not applicable)")
+        else:
+            value = float(metrics[g.metric])
+            ok = (value >= g.min) if g.min is not None else (value <= g.max)
+            ok = bool(ok) and not np.isnan(value)
+            row.update(value=value, passed=ok, message=f"{g.domain} {g.metric} {value:.4f} {bound}"
+                       + ("" if ok else " FAILED"))
+        results.append(row)
+    return results
 
 
 # --------------------------------------------------------------------------- plots

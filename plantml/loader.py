@@ -14,6 +14,10 @@ shuffle buffer, the loop keeps one batch.
 * **Shuffling.** Shard order is permuted per epoch and samples pass through a
   bounded shuffle buffer; the training split is also written in random order, so the
   buffer mixes classes from the first batch on.
+* **Domain weights.** In training, a sample of a domain with weight ``w``
+  (``data.sources[].weight``) is yielded ``floor(w)`` times plus once more with
+  probability ``w - floor(w)`` (so ``0.5`` halves a domain, ``3`` triples it); repeats
+  pass through the shuffle buffer and get their own augmentation.
 * **Augmentation** runs inside the loader workers (Albumentations on ``uint8``).
 * **Batches are uint8** ``[B,H,W,3]``; :func:`to_model_input` converts and normalises on
   the training device (4x less host-to-device traffic than float32).
@@ -100,7 +104,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shard_uris: Sequence[str], shuffle: bool, seed: int,
                  augment_factory: Callable[[int], Any] | None, rank: int = 0, world: int = 1,
-                 buffer_size: int = DEFAULT_SHUFFLE_BUFFER, epoch: int = 0, with_key: bool = False) -> None:
+                 buffer_size: int = DEFAULT_SHUFFLE_BUFFER, epoch: int = 0, with_key: bool = False,
+                 domain_weights: dict[str, float] | None = None) -> None:
         super().__init__()
         self.shard_uris = list(shard_uris)
         self.shuffle = shuffle
@@ -110,6 +115,8 @@ class ShardStream(IterableDataset):
         self.buffer_size = buffer_size if shuffle else 0
         self.epoch = epoch
         self.with_key = with_key
+        # Only a non-trivial weighting changes the stream (evaluation never reweights).
+        self.domain_weights = {k: float(v) for k, v in (domain_weights or {}).items() if v != 1.0}
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
@@ -119,6 +126,8 @@ class ShardStream(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, slot])
         augment = self.augment_factory(int(rng.integers(2**31))) if self.augment_factory else None
         stream = self._samples(plan)
+        if self.domain_weights:
+            stream = _reweighted(stream, self.domain_weights, rng)
         if self.buffer_size > 1:
             stream = _shuffled(stream, self.buffer_size, rng)
         for s in stream:
@@ -132,6 +141,16 @@ class ShardStream(IterableDataset):
                 if pos % plan.stride == plan.offset:
                     yield s
                 pos += 1
+
+
+def _reweighted(stream: Iterator[sh.Sample], weights: dict[str, float],
+                rng: np.random.Generator) -> Iterator[sh.Sample]:
+    """Each sample ``floor(w)`` times, plus once with probability ``w - floor(w)`` (``w``: its domain's weight)."""
+    for s in stream:
+        w = weights.get(s.meta.get("domain", ""), 1.0)
+        n = int(w) + int(rng.random() < w - int(w))
+        for _ in range(n):
+            yield s
 
 
 def _shuffled(stream: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -159,7 +178,7 @@ def _collate(batch: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
 def make_loader(index: sh.ShardIndex, split: str, batch_size: int, *, train: bool = False, seed: int = 0,
                 epoch: int = 0, workers: int = 0, augment_factory: Callable[[int], Any] | None = None,
                 rank: int = 0, world: int = 1, pin_memory: bool = False, with_key: bool = False,
-                buffer_size: int = DEFAULT_SHUFFLE_BUFFER) -> Any:
+                buffer_size: int = DEFAULT_SHUFFLE_BUFFER, domain_weights: dict[str, float] | None = None) -> Any:
     """A ``DataLoader`` streaming ``split`` of the shard set.
 
     Args:
@@ -173,13 +192,15 @@ def make_loader(index: sh.ShardIndex, split: str, batch_size: int, *, train: boo
         rank: this process's data-parallel rank, of ``world``.
         pin_memory: page-locked batches for fast copies to a GPU.
         with_key: also yield each sample's key (to match manifest rows).
+        domain_weights: training sampling weight per domain (see the module docstring).
 
     Returns:
         A ``torch.utils.data.DataLoader`` yielding ``(uint8 [B,H,W,3], int64 [B])`` (plus keys).
     """
     dataset = ShardStream(index.shard_uris(split), shuffle=train, seed=seed,
                           augment_factory=augment_factory if train else None, rank=rank, world=world,
-                          buffer_size=buffer_size, epoch=epoch, with_key=with_key)
+                          buffer_size=buffer_size, epoch=epoch, with_key=with_key,
+                          domain_weights=domain_weights if train else None)
     kwargs: dict[str, Any] = {}
     if workers > 0:
         # forkserver: workers start from a clean process, not a fork of a threaded torch

@@ -20,8 +20,8 @@ import numpy as np
 from plantml import shards as sh
 from plantml import storage
 from plantml.config import Params
-from plantml.data import (DatasetSummary, ManifestRow, PixelStaging, prepare_dataset, read_manifest_bytes, rows_for,
-                          save_prepared, write_shards)
+from plantml.data import (DEFAULT_DOMAIN, DatasetSummary, DataSource, ManifestRow, PixelStaging, format_sources,
+                          parse_data_dir, prepare_dataset, read_manifest_bytes, rows_for, save_prepared, write_shards)
 from plantml.model_card import model_card_step
 from plantml.preprocess import InputSpec, decode_image, preprocess_batch, softmax
 from plantml.resources import available_cores, resolve_loader_workers, resolve_threads
@@ -40,18 +40,44 @@ def repo_path(p: str | os.PathLike[str]) -> Path:
 # --------------------------------------------------------------------------- prepare
 
 
-def resolve_data_root(params: Params) -> tuple[str, bool]:
-    """The dataset folder or ``s3://`` prefix, and whether it is the generated demo set."""
-    if params.data.data_dir:
-        if storage.is_s3(params.data.data_dir):
-            return params.data.data_dir, False
-        return str(Path(params.data.data_dir).expanduser().resolve()), False
-    from plantml.demo_data import ensure_demo_dataset
+def resolve_sources(params: Params) -> tuple[list[DataSource], bool]:
+    """The run's data sources, and whether they are the generated demo set.
 
+    ``data.data_dir`` (also what ``--data-dir`` sets) wins: a plain path is one ``lab``
+    source, ``lab=PATH,field=PATH`` several (:func:`plantml.data.parse_data_dir`). Else
+    ``data.sources``; else the synthetic DEMO set. Relative local paths are relative to
+    the repository root, as every path in params.yaml.
+    """
     d = params.data
-    root = ensure_demo_dataset(repo_path(d.demo_dir), d.demo_classes, d.demo_images_per_class, d.demo_image_size,
-                               d.seed)
-    return str(root), True
+    if d.data_dir:
+        sources = parse_data_dir(d.data_dir)
+        if d.sources:
+            log.info("data.data_dir is set: it replaces the %d source(s) of data.sources", len(d.sources))
+    elif d.sources:
+        sources = [DataSource(s.domain, s.path if storage.is_s3(s.path) else str(repo_path(s.path)),
+                              s.weight, s.split) for s in d.sources]
+    else:
+        from plantml.demo_data import ensure_demo_dataset
+
+        root = ensure_demo_dataset(repo_path(d.demo_dir), d.demo_classes, d.demo_images_per_class, d.demo_image_size,
+                                   d.seed)
+        return [DataSource(DEFAULT_DOMAIN, str(root))], True
+    return [_with_domain_defaults(params, s) for s in sources], False
+
+
+def _with_domain_defaults(params: Params, src: DataSource) -> DataSource:
+    """A source with its weight and split filled from ``data.domains`` (the source's own win) and its path resolved."""
+    dom = params.data.domains.get(src.domain)
+    weight = src.weight if src.weight is not None else (dom.weight if dom else 1.0)
+    split = src.split or (dom.split if dom else None)
+    root = src.root if storage.is_s3(src.root) else str(Path(src.root).expanduser().resolve())
+    return DataSource(src.domain, root, weight, split)
+
+
+def resolve_data_root(params: Params) -> tuple[str, bool]:
+    """The sources as one ``--data-dir`` text (a plain path for one lab source), and whether it is the demo set."""
+    sources, is_demo = resolve_sources(params)
+    return format_sources(sources), is_demo
 
 
 def prepare(params: Params, store: str | None = None, out_dir: str | os.PathLike[str] | None = None,
@@ -67,13 +93,14 @@ def prepare(params: Params, store: str | None = None, out_dir: str | os.PathLike
     Returns:
         ``(summary, shard index)``.
     """
-    root, is_demo = resolve_data_root(params)
+    sources, is_demo = resolve_sources(params)
     if is_demo:
-        log.warning("no data.data_dir given: using the SYNTHETIC DEMO dataset in %s (not real leaves)", root)
+        log.warning("no data.data_dir given: using the SYNTHETIC DEMO dataset in %s (not real leaves)",
+                    sources[0].root)
     store = store or str(repo_path(params.data.prepared_dir))
     staging = PixelStaging(params.train.image_size)
     try:
-        rows, summary = prepare_dataset(root, params.data.split, params.data.seed, params.data.max_images_per_class,
+        rows, summary = prepare_dataset(sources, params.data.split, params.data.seed, params.data.max_images_per_class,
                                         is_demo=is_demo, progress=progress, staging=staging)
         rows, index = write_shards(rows, summary, staging, store, params.data.samples_per_shard, params.data.seed,
                                    progress)
@@ -196,24 +223,35 @@ class SplitScores:
     logits: np.ndarray
     labels: np.ndarray
     ood_scores: np.ndarray | None
+    domains: np.ndarray | None = None   # each image's domain (from the manifest), object array
+
+
+def domains_of(keys: Sequence[str], rows: Sequence[ManifestRow]) -> np.ndarray:
+    """The domain of each shard key (``lab`` for a key the manifest does not know: pre-domain shard sets)."""
+    by_key = {r.key: r.domain for r in rows}
+    return np.array([by_key.get(k, DEFAULT_DOMAIN) for k in keys], dtype=object)
 
 
 def score_split(model: Any, index: sh.ShardIndex, split: str, spec: InputSpec, detector: Any = None,
-                batch_size: int = 64) -> SplitScores:
-    """Stream a split through ``model``: logits, labels and (with ``detector``) OOD scores.
+                batch_size: int = 64, rows: Sequence[ManifestRow] | None = None) -> SplitScores:
+    """Stream a split through ``model``: logits, labels, domains and (with ``detector``) OOD scores.
 
     Features are scored batch by batch and dropped, so memory holds ``N x classes``
     numbers, not ``N x 1280`` features or the images.
+
+    Args:
+        rows: the manifest (read from the store when not given), for each image's domain.
     """
     import torch
 
     from plantml.loader import iterate_split
     from plantml.models.scored import features_and_logits
 
-    logits, labels, scores = [], [], []
+    logits, labels, scores, keys = [], [], [], []
     model = model.eval()
     with torch.inference_mode():
-        for x, y in iterate_split(index, split, spec, batch_size):
+        for x, y, k in iterate_split(index, split, spec, batch_size, with_key=True):
+            keys += list(k)
             feats, lg = features_and_logits(model, x)
             logits.append(lg.float().numpy())
             labels.append(y.numpy())
@@ -222,7 +260,8 @@ def score_split(model: Any, index: sh.ShardIndex, split: str, spec: InputSpec, d
     n_classes = len(index.classes)
     return SplitScores(np.concatenate(logits) if logits else np.zeros((0, n_classes), np.float32),
                        np.concatenate(labels) if labels else np.zeros(0, np.int64),
-                       np.concatenate(scores) if detector is not None and scores else None)
+                       np.concatenate(scores) if detector is not None and scores else None,
+                       domains_of(keys, rows if rows is not None else load_manifest(index)))
 
 
 def fit_detector(params: Params, model: Any, index: sh.ShardIndex, spec: InputSpec) -> Any:
@@ -274,7 +313,8 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
     from plantml import calibration as cal
     from plantml import ood
     from plantml import robustness as rob
-    from plantml.evaluation import choose_champion, classification_metrics, plot_comparison, plot_training_curves
+    from plantml.evaluation import (choose_champion, classification_metrics, domain_metrics, plot_comparison,
+                                    plot_training_curves)
     from plantml.training import load_checkpoint, measure_latency_ms
 
     if not results:
@@ -291,6 +331,8 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
     models: dict[str, Any] = {}
     passes: dict[str, tuple[SplitScores, SplitScores]] = {}
     detectors: dict[str, Any] = {}
+    rows = load_manifest(index)
+    val_by_domain: dict[str, Any] = {}
     for name, res in results.items():
         model, _ = load_checkpoint(checkpoints[name])
         models[name] = model
@@ -298,7 +340,7 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
         # Each model gets its own detector (fit on a capped training subset), so the
         # validation and test passes score OOD batch by batch and keep no features.
         detectors[name] = fit_detector(params, model, index, spec) if c.ood_enabled else None
-        val, test = (score_split(model, index, split, spec, detectors[name]) for split in ("val", "test"))
+        val, test = (score_split(model, index, split, spec, detectors[name], rows=rows) for split in ("val", "test"))
         passes[name] = (val, test)
         m = classification_metrics(test.labels, softmax(test.logits), classes)
         masks = {}
@@ -318,16 +360,27 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
         })
         if masks:
             m["calibration_confidence_only"] = calib_conf
+        # Per domain, with the probabilities and the abstain rule the bundle will answer with.
+        m["by_domain"] = domain_metrics(test.labels, softmax(test.logits, calib["temperature"]), test.domains,
+                                        classes, calib["abstain_threshold"], masks.get("test_in_distribution"))
+        val_by_domain[name] = domain_metrics(val.labels, softmax(val.logits, calib["temperature"]), val.domains,
+                                             classes, calib["abstain_threshold"], masks.get("val_in_distribution"))
         m["plots"] = _model_plots(name, res["arch"], m, test, calib["temperature"], classes, out / "plots")
         report["models"][name] = m
         log.info("%s: test accuracy %.4f macro-F1 %.4f latency %.1f ms", name, m["accuracy"], m["macro_f1"],
                  m["latency_ms"])
 
-    champion, reason = choose_champion(report["models"], params.evaluate.champion_metric,
-                                       params.evaluate.champion_tie_tolerance)
+    champion, reason = choose_champion(_champion_candidates(report["models"], params.evaluate.champion_metric,
+                                                            params.evaluate.champion_domain),
+                                       params.evaluate.champion_metric, params.evaluate.champion_tie_tolerance)
+    if params.evaluate.champion_domain and params.evaluate.champion_domain in champ_domains(report["models"]):
+        reason = f"on {params.evaluate.champion_domain} test images: {reason}"
     report["champion"], report["champion_reason"] = champion, reason
     champ = report["models"][champion]
     report["calibration"] = champ["calibration"]
+    report["by_domain"] = champ["by_domain"]
+    report["domain_abstention"] = cal.domain_abstention(val_by_domain[champion], champ["by_domain"], c.min_coverage)
+    report["domain_gates"] = _domain_gate_results(params, report)
     report["plots"]["curves"] = str(plot_training_curves({n: r["history"] for n, r in results.items()},
                                                          out / "plots" / "training_curves.png"))
     report["plots"]["comparison"] = str(plot_comparison(report["models"], out / "plots" / "comparison.png"))
@@ -355,6 +408,7 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
         sub_images, sub_labels, border=params.robustness.background_border, seed=params.data.seed)
     report["background_baseline"]["train_images"] = "resized training pixels (shards)"
     del train_sub
+    report["shortcut"] = _shortcut_report(params, predict, index, rows, classes)
     non_leaf = rob.non_leaf_images(n=60, size=max(size, 224), seed=params.data.seed)
     photos = rob.non_leaf_photos(n=12, size=max(size, 224), seed=params.data.seed)
     report["non_leaf"] = _non_leaf_report(models[champion], spec, champ["calibration"], detector,
@@ -376,6 +430,64 @@ def evaluate_models(params: Params, results: Mapping[str, Mapping[str, Any]], ch
     storage.write_bytes(out / "report.json", json.dumps(report, indent=2, default=str).encode())
     _write_plot_tables(report, out / "plots")
     return report
+
+
+def champ_domains(models: Mapping[str, Mapping[str, Any]]) -> set[str]:
+    """The domains every model was scored on."""
+    sets = [set(m.get("by_domain", {})) for m in models.values()]
+    return set.intersection(*sets) if sets else set()
+
+
+def _champion_candidates(models: Mapping[str, Mapping[str, Any]], metric: str,
+                         domain: str | None) -> dict[str, dict[str, Any]]:
+    """The champion rule's view of each model: ``metric`` on ``domain``'s test images when that domain was scored."""
+    if not domain:
+        return {n: dict(m) for n, m in models.items()}
+    if domain not in champ_domains(models):
+        log.warning("evaluate.champion_domain %r has no test images in this run: the champion is chosen on all", domain)
+        return {n: dict(m) for n, m in models.items()}
+    return {n: {**m, metric: m["by_domain"][domain][metric]} for n, m in models.items()}
+
+
+def _domain_gate_results(params: Params, report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    from plantml.evaluation import check_domain_gates
+
+    results = check_domain_gates(report["by_domain"], params.evaluate.gates)
+    for r in results:
+        (log.warning if r["passed"] is False else log.info)("domain gate: %s", r["message"])
+    return results
+
+
+def _shortcut_report(params: Params, predict: Any, index: sh.ShardIndex, rows: Sequence[ManifestRow],
+                     classes: Sequence[str]) -> dict[str, Any]:
+    """The background-shortcut check on this run's data (:func:`plantml.robustness.shortcut_check`).
+
+    Leaves: lab-domain test images of the classes no other domain has. Backgrounds: the
+    other domains' test photos (never trained on). Not applicable to a one-domain run.
+    """
+    from plantml import robustness as rob
+
+    test = rows_for(rows, "test")
+    field_classes = {r.label for r in rows if r.domain != DEFAULT_DOMAIN}
+    if not field_classes:
+        return {"applicable": False, "reason": f"no photos outside the {DEFAULT_DOMAIN} domain in this run"}
+    lab_keys = {r.key for r in test if r.domain == DEFAULT_DOMAIN and r.label not in field_classes}
+    field_keys = {r.key for r in test if r.domain != DEFAULT_DOMAIN}
+    if not lab_keys or not field_keys:
+        return {"applicable": False, "reason": "no lab test leaf of another crop, or no field test photo"}
+    lab, field = [], []
+    for s in sh.iter_split(index, "test"):
+        if s.key in lab_keys:
+            lab.append(s)
+        elif s.key in field_keys:
+            field.append(s.pixels)
+    index_of = {c: i for i, c in enumerate(classes)}
+    out = rob.shortcut_check(predict, [s.pixels for s in lab], [s.label for s in lab], field,
+                             [index_of[c] for c in sorted(field_classes)], classes,
+                             max_images=params.robustness.shortcut_max_images, seed=params.data.seed)
+    out["applicable"] = True
+    out["max_target_rate"] = params.robustness.max_shortcut_rate
+    return out
 
 
 def _pil(pixels: np.ndarray) -> Any:
@@ -459,7 +571,7 @@ def enforce_quality_gates(params: Params, report: Mapping[str, Any]) -> None:
     Kept separate from :func:`evaluate_models` so callers can record the evaluation
     (MLflow, card) before failing the run.
     """
-    from plantml.evaluation import QualityGateError, check_quality_gates
+    from plantml.evaluation import QualityGateError, check_domain_gates, check_quality_gates
 
     name = report["champion"]
     check_quality_gates(report["models"][name], params.evaluate.min_macro_f1, params.evaluate.min_accuracy, name)
@@ -468,6 +580,16 @@ def enforce_quality_gates(params: Params, report: Mapping[str, Any]) -> None:
         raise QualityGateError(
             f"robustness gate failed for champion {name}: relative accuracy under corruption {relative:.3f} "
             f"< robustness.min_relative_accuracy {params.robustness.min_relative_accuracy}")
+    # Re-checked from the metrics (not only read from the report), so a gate added after evaluate still applies.
+    failed = [g["message"] for g in check_domain_gates(report.get("by_domain", {}), params.evaluate.gates)
+              if g["passed"] is False]
+    if failed:
+        raise QualityGateError(f"domain gate failed for champion {name}: " + "; ".join(failed))
+    shortcut = report.get("shortcut", {})
+    if shortcut.get("applicable") and shortcut["target_rate"] > params.robustness.max_shortcut_rate:
+        raise QualityGateError(
+            f"shortcut gate failed for champion {name}: {shortcut['target_rate']:.3f} of non-field lab leaves on field "
+            f"backgrounds predicted as a field class > robustness.max_shortcut_rate {params.robustness.max_shortcut_rate}")
 
 
 def _dvc_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -488,6 +610,10 @@ def _dvc_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
     }
     for name, m in report["models"].items():
         out[name] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "latency_ms": m["latency_ms"]}
+    out["by_domain"] = {d: {k: v[k] for k in ("n", "accuracy", "macro_f1", "ece", "coverage", "accuracy_on_answered")}
+                        for d, v in report.get("by_domain", {}).items()}
+    if report.get("shortcut", {}).get("applicable"):
+        out["shortcut_target_rate"] = report["shortcut"]["target_rate"]
     return out
 
 
@@ -598,7 +724,10 @@ def export_champion(params: Params, report: Mapping[str, Any], train_result: Map
         "background_baseline": report["background_baseline"],
         "non_leaf_abstain_rate": report["non_leaf"]["abstain_rate"],
         "n_test": index.count("test"), "is_demo_data": report["is_demo"],
+        "by_domain": _finite(report.get("by_domain", {})),
     }
+    if report.get("shortcut", {}).get("applicable"):
+        metrics["shortcut"] = {k: v for k, v in report["shortcut"].items() if k not in ("per_class", "examples")}
     steps = []
     if params.export.int8.enabled:
         calib_samples = subset_samples(index, "train", params.export.int8.calibration_images, params.data.seed)
@@ -621,6 +750,17 @@ def export_champion(params: Params, report: Mapping[str, Any], train_result: Map
         opset=params.export.opset, parity_tolerance=params.export.parity_tolerance, extra_steps=steps,
     )
     return path, metadata
+
+
+def _finite(tree: Any) -> Any:
+    """NaN/inf -> None, recursively: metadata.json stays strict JSON (e.g. nothing answered in a domain)."""
+    if isinstance(tree, Mapping):
+        return {k: _finite(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_finite(v) for v in tree]
+    if isinstance(tree, float) and not np.isfinite(tree):
+        return None
+    return tree
 
 
 class _StreamedOriginals:

@@ -26,6 +26,7 @@ fetch from the registry.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -166,6 +167,8 @@ def register_bundle(
                                        tags={"plantml.bundle_sha256": digest}).info.run_id
             client.set_terminated(run_id)
         info = log_bundle_model(bundle_path, run_id=run_id, tracking_uri=uri)
+        # Per-domain test metrics on the model's run: the flow logs the overall ones, the bundle knows both.
+        _log_metrics_once(client, run_id, domain_metric_items(_bundle_metrics(bundle_path)))
         version_tags = {**tags, BUNDLE_TAG: digest, **({KEY_TAG: registration_key} if registration_key else {})}
         version = client.create_model_version(model_name, source=info.model_uri, run_id=run_id,
                                               tags=version_tags, model_id=info.model_id)
@@ -513,6 +516,31 @@ def finish_parent_run(parent_run_id: str, metrics: Mapping[str, float], tags: Ma
     with mlflow.start_run(run_id=parent_run_id):
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def domain_metric_items(metrics: Mapping[str, Any], prefix: str = "test_") -> dict[str, float]:
+    """Flat MLflow metrics from a bundle's ``metrics``: ``test_<domain>_<metric>`` per domain, and the shortcut rate.
+
+    e.g. ``test_field_accuracy``, ``test_field_coverage``, ``test_lab_ece``,
+    ``shortcut_target_rate``. NaN values (nothing answered) are left out.
+    """
+    out: dict[str, float] = {}
+    for domain, m in (metrics.get("by_domain") or {}).items():
+        for key in ("accuracy", "macro_f1", "ece", "coverage", "accuracy_on_answered", "n"):
+            value = m.get(key)
+            if _is_number(value) and value == value:
+                out[f"{prefix}{domain}_{key}"] = float(value)
+    shortcut = metrics.get("shortcut") or {}
+    if _is_number(shortcut.get("target_rate")) and shortcut["target_rate"] == shortcut["target_rate"]:
+        out["shortcut_target_rate"] = float(shortcut["target_rate"])
+    return out
+
+
+def _bundle_metrics(bundle_path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(bundle_path) / "metadata.json").read_text()).get("metrics", {})
+    except (OSError, ValueError):
+        return {}
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -86,6 +86,24 @@ class ShardIndex:
     created_at: float = 0.0
     format: str = FORMAT
     version: int = FORMAT_VERSION
+    #: training sampling weight per domain (``data.sources[].weight``); every sample's
+    #: ``.json`` names its domain. Empty for shard sets written before domains existed.
+    domain_weights: dict[str, float] = field(default_factory=dict)
+    #: samples per split and domain, e.g. ``{"train": {"lab": 1428, "field": 168}}``
+    domain_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def weighted_train_factor(self) -> float:
+        """Expected training samples per epoch under the domain weights, over the stored count (1: unweighted)."""
+        counts = self.domain_counts.get("train", {})
+        total = sum(counts.values())
+        if not total or not self.domain_weights:
+            return 1.0
+        return sum(n * self.domain_weights.get(d, 1.0) for d, n in counts.items()) / total
+
+    @property
+    def domains(self) -> list[str]:
+        """The domains of this shard set (``["lab"]`` for one written before domains existed)."""
+        return list(self.domain_weights) or ["lab"]
 
     def count(self, split: str) -> int:
         return self.splits[split].n if split in self.splits else 0
@@ -105,7 +123,9 @@ class ShardIndex:
         return cls(root=root or d["root"], classes=list(d["classes"]), image_size=int(d["image_size"]),
                    splits=splits, originals=list(d.get("originals", [])),
                    manifest_sha256=d.get("manifest_sha256", ""), created_at=float(d.get("created_at", 0.0)),
-                   format=d.get("format", FORMAT), version=int(d.get("version", FORMAT_VERSION)))
+                   format=d.get("format", FORMAT), version=int(d.get("version", FORMAT_VERSION)),
+                   domain_weights={k: float(v) for k, v in d.get("domain_weights", {}).items()},
+                   domain_counts={s: {k: int(n) for k, n in v.items()} for s, v in d.get("domain_counts", {}).items()})
 
 
 def load_index(root: str | os.PathLike[str]) -> ShardIndex:
@@ -200,15 +220,18 @@ class ShardSetWriter:
         idx.shards.append(path.name)
         idx.counts.append(n)
 
-    def close(self, manifest_csv: bytes | None = None, manifest_sha256: str = "") -> ShardIndex:
-        """Flush open shards, write the manifest and the index; returns the index."""
+    def close(self, manifest_csv: bytes | None = None, manifest_sha256: str = "",
+              domain_weights: dict[str, float] | None = None,
+              domain_counts: dict[str, dict[str, int]] | None = None) -> ShardIndex:
+        """Flush open shards, write the manifest and the index (with each domain's sampling weight)."""
         for split in list(self._open):
             self._finish(split)
         if manifest_csv is not None:
             storage.write_bytes(storage.join(self.root, MANIFEST_FILE), manifest_csv)
         index = ShardIndex(root=self.root, classes=self.classes, image_size=self.image_size,
                            splits=self._splits, originals=self.originals, manifest_sha256=manifest_sha256,
-                           created_at=time.time())
+                           created_at=time.time(), domain_weights=dict(domain_weights or {}),
+                           domain_counts=dict(domain_counts or {}))
         storage.write_bytes(storage.join(self.root, INDEX_FILE), json.dumps(index.to_dict(), indent=2).encode())
         self._tmp.cleanup()
         return index

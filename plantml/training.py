@@ -385,7 +385,7 @@ def train_model(
     model, frozen, spec = build_model(name, model_params, train_params, len(classes), device)
     epochs = model_params.epochs or train_params.epochs
     bs = train_params.batch_size
-    counts = index.splits["train"].counts
+    counts = _weighted_counts(index, dist.world)
     steps = [steps_per_epoch(counts, bs, dist.world, True, train_params.seed, e) for e in range(1, epochs + 1)]
     optimizer = torch.optim.AdamW(_param_groups(model, model_params.lr, train_params.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -403,7 +403,7 @@ def train_model(
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[dist.local_rank] if dev_type == "cuda" else None)
-    augment = augmentation_factory(index.image_size)
+    augment = augmentation_factory(index.image_size, train_params.background_replace)
     bar = tqdm(range(state.epoch + 1, epochs + 1), desc=f"train {name} ({model_params.arch})", unit="epoch",
                disable=not (progress and dist.is_main), initial=state.epoch, total=epochs)
     for epoch in bar:
@@ -413,7 +413,8 @@ def train_model(
         t0 = time.time()
         batches = make_loader(index, "train", bs, train=True, seed=train_params.seed, epoch=epoch,
                               workers=loader.workers, augment_factory=augment, rank=dist.rank, world=dist.world,
-                              pin_memory=dev_type == "cuda", buffer_size=loader.shuffle_buffer)
+                              pin_memory=dev_type == "cuda", buffer_size=loader.shuffle_buffer,
+                              domain_weights=index.domain_weights)
         fit = train_one_epoch(model, batches, steps[epoch - 1], optimizer, scheduler, spec, train_params, device,
                               f"{name} epoch {epoch}" if progress and dist.is_main else None)
         val_logits, val_labels = validate(model, index, spec, device, bs * 2, dist)
@@ -445,6 +446,21 @@ def train_model(
         (out / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
     result.checkpoint_path = str(ckpt.resolve())
     return result
+
+
+def _weighted_counts(index: Any, world: int) -> list[int]:
+    """Training samples per shard as the domain-weighted loader yields them (what an epoch's steps follow).
+
+    The weighted stream's length is random (a fractional weight repeats a sample with a
+    probability), so data-parallel ranks, which must step together, count 3 % fewer than
+    expected and never fewer than the stored count allows; a lone process may run out a
+    batch early, which only shortens its epoch.
+    """
+    counts = list(index.splits["train"].counts)
+    factor = index.weighted_train_factor() if hasattr(index, "weighted_train_factor") else 1.0
+    if world > 1:
+        factor = min(factor, 1.0) * 0.97 if factor < 1.0 else 1.0
+    return [max(1, int(c * factor)) for c in counts]
 
 
 def _update_best(state: TrainState, row: dict[str, float], model: Any, result: TrainResult, epoch: int) -> None:

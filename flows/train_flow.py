@@ -23,6 +23,23 @@ a shared disk::
 
     python flows/train_flow.py --datastore s3 run --data-dir s3://bucket/PlantVillage
 
+Each branch trains where ``train.distributed`` puts it (``branch`` routes; Metaflow graphs
+are static, so both routes are in the graph and a run takes one)::
+
+    branch --local--> train ------------------------------------------------> trained
+           --nodes--> train_fanout --num_parallel=N--> train_node (x N, @parallel)
+                                                       --> train_nodes_join --> trained
+
+``train.distributed.nodes: 1`` (the default) trains in ``train`` as before (one process,
+or ``world_size`` DDP processes on this machine); ``nodes: N > 1`` trains each branch on
+a gang of N ``@parallel`` tasks (one per node, ``world_size`` processes each, rendezvous
+at node 0) — ``--with kubernetes``, Argo Workflows and AWS Batch start the gang on N
+machines, a local run on this machine (all on 127.0.0.1; put the environment's ``python``
+first on ``PATH``: Metaflow starts the other nodes as ``python``)::
+
+    python flows/train_flow.py --datastore s3 run --with kubernetes \
+        --set "train.distributed.nodes=2 train.distributed.world_size=4 train.device=cuda"
+
 ``@resources`` (cpu, memory, gpu, disk per step) come from the ``resources`` section of
 ``params.yaml`` (the repository's, or ``$PLANTML_PARAMS``) when this file is imported; they
 only matter when a step runs remotely.
@@ -35,7 +52,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from metaflow import FlowSpec, Parameter, card, catch, current, resources, retry, step
+from metaflow import FlowSpec, Parameter, card, catch, current, parallel, resources, retry, step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
@@ -100,7 +117,17 @@ class PlantDiseaseFlow(FlowSpec):
         chart = cards.class_chart(self.summary, repo_path(params.evaluate.out_dir) / current.run_id / "classes.png")
         for part in cards.prepare_card(self.summary, chart):
             current.card.append(part)
-        self.next(self.train, foreach="model_names")
+        self.next(self.branch, foreach="model_names")
+
+    @step
+    def branch(self):
+        """Route one model's training: here (``train``) or on a gang of nodes (``train_fanout``)."""
+        from plantml.distributed import configured_nodes
+
+        self.model_name = self.input
+        self.train_nodes = configured_nodes(self._params())
+        self.placement = "nodes" if self.train_nodes > 1 else "local"
+        self.next({"local": self.train, "nodes": self.train_fanout}, condition="placement")
 
     @catch(var="train_error", print_exception=True)
     @retry(times=1)
@@ -108,15 +135,78 @@ class PlantDiseaseFlow(FlowSpec):
     @card(type="blank")
     @step
     def train(self):
-        """Train one model (a foreach branch: the CNN and the ViT run at the same time)."""
-        from plantml.evaluation import plot_training_curves
-        from plantml.pipeline import repo_path, train_branch
-        from plantml.registry import log_epoch_metrics, start_branch_run
+        """Train one model here (a foreach branch: the CNN and the ViT run at the same time)."""
+        from plantml.pipeline import train_branch
 
         params = self._params()
-        self.model_name = self.input
-        out_dir = repo_path(params.train.out_dir) / current.run_id / self.model_name
+        out_dir = self._train_dir(params)
         checkpoint, earlier = checkpoint_uris(self, self.model_name)
+        on_epoch_end = self._live_training(params)
+        result = train_branch(params, self.model_name, self._index(), out_dir,
+                              parallel_branches=len(self.model_names), checkpoint_uri=checkpoint,
+                              resume_uris=earlier, on_epoch_end=on_epoch_end)
+        self._publish_training(result.to_dict(), Path(result.checkpoint_path).read_bytes(), out_dir)
+        self.next(self.trained)
+
+    @step
+    def train_fanout(self):
+        """Start the gang: ``train.distributed.nodes`` tasks of ``train_node``."""
+        self.next(self.train_node, num_parallel=self.train_nodes)
+
+    @retry(times=1)
+    @resources(**RESOURCES.train.decorator_kwargs())
+    @card(type="blank")
+    @parallel
+    @step
+    def train_node(self):
+        """One node of a data-parallel gang; node 0 logs live metrics, checkpoints and keeps the weights."""
+        from plantml.distributed import NodeGroup, rendezvous_port, train_on_node
+
+        params = self._params()
+        node = current.parallel
+        group = NodeGroup(nnodes=node.num_nodes, node_rank=node.node_index, master_addr=node.main_ip,
+                          master_port=rendezvous_port(f"{current.run_id}/{self.model_name}"))
+        out_dir = self._train_dir(params) / (f"node-{node.node_index}" if node.node_index else "")
+        checkpoint, earlier = checkpoint_uris(self, self.model_name)
+        on_epoch_end = self._live_training(params) if group.is_main else None
+        if not group.is_main:
+            current.card.append(cards.Markdown(
+                f"# {self.model_name}: node {node.node_index} of {node.num_nodes}\n"
+                f"Live metrics, checkpoints and the weights are on node 0's card and task."))
+        result = train_on_node(params, self.model_name, self._index(), out_dir, group,
+                               parallel_branches=len(self.model_names), checkpoint_uri=checkpoint,
+                               resume_uris=earlier, on_epoch_end=on_epoch_end)
+        self.node_index = node.node_index
+        self.node_result = result.to_dict()  # every node: its own share's history (loss, images)
+        if group.is_main:
+            self._publish_training(self.node_result, Path(result.checkpoint_path).read_bytes(), out_dir)
+        self.next(self.train_nodes_join)
+
+    @step
+    def train_nodes_join(self, inputs):
+        """Keep node 0's result and weights; record what every node trained on."""
+        from plantml.distributed import images_per_epoch
+
+        # node 0 alone has the weights, the result and the MLflow run id; the rest is the same on every node
+        self.merge_artifacts(inputs, exclude=["node_index", "node_result"])
+        self.node_images_per_epoch = {i.node_index: images_per_epoch(i.node_result["history"]) for i in inputs}
+        self.node_train_loss = {i.node_index: [r["train_loss"] for r in i.node_result["history"]] for i in inputs}
+        self.next(self.trained)
+
+    @step
+    def trained(self):
+        """Where the two routes meet (a conditional route may not lead straight into the join)."""
+        self.next(self.evaluate)
+
+    def _train_dir(self, params) -> Path:
+        from plantml.pipeline import repo_path
+
+        return repo_path(params.train.out_dir) / current.run_id / self.model_name
+
+    def _live_training(self, params):
+        """Open the branch's MLflow run and the live card; returns the per-epoch callback."""
+        from plantml.registry import log_epoch_metrics, start_branch_run
+
         uri = params.registry.tracking_uri
         # The branch's MLflow run exists from the first epoch on: metrics are live, not logged after the join.
         self.mlflow_run_id = start_branch_run(
@@ -129,16 +219,18 @@ class PlantDiseaseFlow(FlowSpec):
             log_epoch_metrics(self.mlflow_run_id, row, int(row["epoch"]), uri)
             refresh_card(row, result)
 
-        result = train_branch(params, self.model_name, self._index(), out_dir,
-                              parallel_branches=len(self.model_names), checkpoint_uri=checkpoint,
-                              resume_uris=earlier, on_epoch_end=on_epoch_end)
-        self.train_result = result.to_dict()
-        self.checkpoint = Path(result.checkpoint_path).read_bytes()
-        curve = plot_training_curves({self.model_name: result.history}, out_dir / "curves.png")
-        # is_demo=False: the live section above already opened this card with the DEMO banner.
-        for part in cards.train_card(self.train_result, str(curve), is_demo=False):
+        return on_epoch_end
+
+    def _publish_training(self, result: dict, checkpoint: bytes, out_dir: Path) -> None:
+        """Keep the result and weights as artifacts and add the training curves to this step's card."""
+        from plantml.evaluation import plot_training_curves
+
+        self.train_result = result
+        self.checkpoint = checkpoint
+        curve = plot_training_curves({self.model_name: result["history"]}, out_dir / "curves.png")
+        # is_demo=False: the live section already opened this card with the DEMO banner.
+        for part in cards.train_card(result, str(curve), is_demo=False):
             current.card.append(part)
-        self.next(self.evaluate)
 
     def _index(self):
         from plantml.shards import ShardIndex
@@ -157,8 +249,7 @@ class PlantDiseaseFlow(FlowSpec):
         self.merge_artifacts(inputs, include=["params", "shards", "summary", "classes", "mlflow_parent_run_id",
                                               "model_names"])
         params = self._params()
-        self.train_errors = {i.model_name if hasattr(i, "model_name") else i.input: str(i.train_error)
-                             for i in inputs if getattr(i, "train_error", None)}
+        self.train_errors = {i.model_name: str(i.train_error) for i in inputs if getattr(i, "train_error", None)}
         ok = [i for i in inputs if not getattr(i, "train_error", None)]
         if not ok:
             raise RuntimeError(f"every training branch failed: {self.train_errors}")

@@ -7,10 +7,12 @@ process trains the same model on its own share of the shards
 same number of steps (:func:`plantml.loader.steps_per_epoch`), validation is scored in
 shares and gathered, and rank 0 writes the epoch checkpoints and the result.
 
-Across several nodes the same worker function runs once per node with ``nnodes`` /
-``node_rank`` / ``master_addr`` set from the orchestrator — Metaflow's ``@parallel``
-(``current.parallel.num_nodes``, ``node_index``, ``main_ip``) or ``torchrun``'s
-environment (``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``) — see docs/operations.md.
+Across several nodes (``train.distributed.nodes``) the flow fans a branch out to a gang
+of Metaflow ``@parallel`` tasks; each runs :func:`train_on_node` with its
+:class:`NodeGroup` (from ``current.parallel``: ``num_nodes``, ``node_index``, ``main_ip``;
+the port from ``MF_MASTER_PORT``, which Metaflow's Kubernetes/Argo JobSets set, else
+:func:`rendezvous_port`). Global rank ``node_index x world_size + local rank``; the
+process group is one rendezvous (``env://``) at node 0 — see docs/operations.md.
 
 The effective batch is ``world_size x train.batch_size``; the learning rate is not
 scaled automatically (set ``lr`` for the global batch).
@@ -23,16 +25,70 @@ import logging
 import os
 import queue as queue_mod
 import socket
-from dataclasses import asdict
+import zlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from plantml.config import ModelParams, TrainParams
+from plantml.config import ModelParams, Params, TrainParams
+from plantml.resources import available_cores, resolve_loader_workers, resolve_threads
 from plantml.training import DistributedContext, EpochCallback, LoaderSettings, TrainResult, train_model
 
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "distributed_result.json"
+#: Set by Metaflow's Kubernetes/Argo JobSets for ``@parallel`` steps (the control pod's port).
+MASTER_PORT_ENV = "MF_MASTER_PORT"
+#: Until ``train.distributed.nodes`` is a parameter (plantml.config), this variable sets it.
+NODES_ENV = "PLANTML_TRAIN_NODES"
+#: Ports :func:`rendezvous_port` derives from a key (above the usual ephemeral range's start).
+PORT_BASE, PORT_SPAN = 20000, 10000
+
+
+@dataclass(frozen=True)
+class NodeGroup:
+    """Where this node sits in a multi-node gang (one node: the defaults)."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.node_rank == 0
+
+
+def configured_nodes(params: Params, env: dict[str, str] | None = None) -> int:
+    """Nodes per training branch: ``train.distributed.nodes`` (1: the branch trains in one task).
+
+    Raises:
+        ValueError: below 1.
+    """
+    nodes = getattr(params.train.distributed, "nodes", None)
+    if nodes is None:  # plantml.config has no such field yet: the interim environment variable
+        nodes = int((os.environ if env is None else env).get(NODES_ENV, "1"))
+    if nodes < 1:
+        raise ValueError(f"train.distributed.nodes must be >= 1, got {nodes}")
+    return int(nodes)
+
+
+def rendezvous_port(key: str, env: dict[str, str] | None = None) -> int:
+    """The TCP port every node of a gang agrees on without talking to each other.
+
+    ``MF_MASTER_PORT`` when the orchestrator sets it (Metaflow's JobSets on
+    Kubernetes/Argo); otherwise a port derived from ``key`` (e.g. ``<run id>/<branch>``),
+    so gangs of different branches or runs on one machine (a local ``@parallel`` run
+    starts every node on 127.0.0.1) do not collide.
+
+    Args:
+        key: the same string on every node of the gang, different between gangs.
+        env: environment to read (default: ``os.environ``).
+    """
+    env = os.environ if env is None else env
+    if env.get(MASTER_PORT_ENV):
+        return int(env[MASTER_PORT_ENV])
+    return PORT_BASE + zlib.crc32(key.encode()) % PORT_SPAN
 
 
 def free_port() -> int:
@@ -68,7 +124,7 @@ def _worker(local_rank: int, spec: dict[str, Any], events: Any) -> None:
             loader=LoaderSettings(**spec["loader"]), checkpoint_uri=spec["checkpoint_uri"],
             resume_uris=spec["resume_uris"], on_epoch_end=forward_epoch,
             dist=DistributedContext(rank=rank, world=world, local_rank=local_rank))
-        if rank == 0:
+        if local_rank == 0:  # every node reports its own leader's result (node 0: the global rank 0's)
             (Path(spec["out_dir"]) / RESULT_FILE).write_text(json.dumps(result.to_dict()))
     finally:
         tdist.destroy_process_group()
@@ -92,8 +148,9 @@ def train_distributed(
         Other arguments as :func:`plantml.training.train_model`.
 
     Returns:
-        Rank 0's :class:`TrainResult` (node 0 only; other nodes return theirs without
-        the checkpoint).
+        This node's local rank 0's :class:`TrainResult`: on node 0 the global rank 0's
+        (the one with the checkpoint); on another node its own history (its share's
+        train loss and images) and no checkpoint file.
 
     Raises:
         RuntimeError: if any process fails (its traceback is in the log).
@@ -114,6 +171,9 @@ def train_distributed(
     (Path(out_dir) / RESULT_FILE).unlink(missing_ok=True)
     log.info("%s: data-parallel training with %d process(es) x %d node(s), backend %s", name, world_size, nnodes,
              spec["backend"])
+    if world_size == 1:  # one process on this node (a gang of CPU nodes): no child to spawn, no torch re-import
+        _worker(0, spec, _DirectEvents(on_epoch_end))
+        return TrainResult(**json.loads((Path(out_dir) / RESULT_FILE).read_text()))
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
     procs = mp.start_processes(_worker, args=(spec, events), nprocs=world_size, join=False, start_method="spawn")
@@ -126,6 +186,18 @@ def train_distributed(
     return TrainResult(**data)
 
 
+class _DirectEvents:
+    """The event queue's ``put`` for a worker running in this process: calls ``on_epoch_end`` at once."""
+
+    def __init__(self, on_epoch_end: EpochCallback | None) -> None:
+        self.on_epoch_end = on_epoch_end
+
+    def put(self, event: tuple[str, dict[str, float], dict[str, Any]]) -> None:
+        kind, row, result = event
+        if kind == "epoch" and self.on_epoch_end is not None:
+            self.on_epoch_end(row, TrainResult(**result))
+
+
 def _drain(events: Any, on_epoch_end: EpochCallback | None) -> None:
     while True:
         try:
@@ -134,3 +206,50 @@ def _drain(events: Any, on_epoch_end: EpochCallback | None) -> None:
             return
         if kind == "epoch" and on_epoch_end is not None:
             on_epoch_end(row, TrainResult(**result))
+
+
+def train_on_node(params: Params, name: str, index: Any, out_dir: str | os.PathLike[str], group: NodeGroup,
+                  parallel_branches: int = 1, progress: bool = True, checkpoint_uri: str | None = None,
+                  resume_uris: Sequence[str] = (), on_epoch_end: EpochCallback | None = None) -> TrainResult:
+    """Train model ``name`` as one node of a multi-node gang (a Metaflow ``@parallel`` task).
+
+    ``train.distributed.world_size`` processes start on this node (GPUs; CPU processes with
+    gloo); the gang has ``group.nnodes x world_size`` ranks. Threads and loader workers
+    follow this node's CPU quota as :func:`plantml.pipeline.train_branch` does. Only node
+    0 writes checkpoints and calls ``on_epoch_end``; every node resumes from the same
+    ``checkpoint_uri`` / ``resume_uris`` (a shared store: S3 on a cluster).
+
+    Args:
+        params: the run's parameters.
+        name: a key of ``train.models``.
+        index: the shard index (every node streams its share of the same shards).
+        out_dir: this node's local output folder.
+        group: this node's place in the gang.
+        parallel_branches: training branches sharing this node's CPUs.
+        progress, checkpoint_uri, resume_uris, on_epoch_end: as :func:`train_distributed`.
+
+    Returns:
+        This node's result (see :func:`train_distributed`).
+    """
+    from plantml.training import resolve_device
+
+    if name not in params.train.models:
+        raise ValueError(f"unknown model {name!r}: train.models has {', '.join(params.train.models)}")
+    t = params.train
+    nproc = t.distributed.world_size
+    device = resolve_device(t.device)
+    share = max(1, available_cores() // max(1, parallel_branches))
+    threads = resolve_threads(t.num_threads, parallel_branches)
+    loader = LoaderSettings(workers=resolve_loader_workers(t.loader_workers, share, device),
+                            shuffle_buffer=t.shuffle_buffer)
+    return train_distributed(
+        name, t.models[name], t, index, out_dir=out_dir, world_size=nproc, backend=t.distributed.backend,
+        threads=max(1, threads // nproc) if device == "cpu" else threads, progress=progress and group.is_main,
+        loader=loader, checkpoint_uri=checkpoint_uri, resume_uris=resume_uris, on_epoch_end=on_epoch_end,
+        nnodes=group.nnodes, node_rank=group.node_rank, master_addr=group.master_addr,
+        master_port=group.master_port)
+
+
+def images_per_epoch(history: Sequence[dict[str, float]]) -> list[int]:
+    """Training images one process saw in each epoch, from its history rows."""
+    return [round(r["images_per_second"] * r["seconds"]) for r in history]

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export METAFLOW_USER ?= $(or $(USER),plantml)
 export USER ?= plantml
 
-.PHONY: venv lock schema run test test-unit test-integration lint clean
+.PHONY: venv lock schema run test test-unit test-integration real-sample-bundle lint clean
 
 # Operator jobs (local stack, serve, load test, edge binary) live in ops.mk.
 -include ops.mk
@@ -45,14 +45,22 @@ schema: $(STAMP)  ## regenerate params.schema.json from plantml/config.py
 run: $(STAMP)  ## train on the built-in demo data (or DATA_DIR=path), export the champion bundle
 	$(PY) flows/train_flow.py run $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
-test: $(STAMP)  ## the whole test suite (what CI runs)
-	$(PY) -m pytest -q
+# The real-sample check (issue 17): a small pinned configuration trained on the real PlantVillage
+# sample; tests/test_behaviour.py holds its bundle (artifacts/real-sample/bundle, picked up when
+# present, or PLANTML_EVAL_BUNDLE) to floors measured on it. REAL_SAMPLE=path overrides the sample.
+REAL_SAMPLE ?= $(or $(PLANTML_REAL_SAMPLE),../shared/data/plantvillage-mini)
+real-sample-bundle: $(STAMP)  ## train + export the real-sample bundle (~10 min on 2 cores; docs/testing.md)
+	PLANTML_REAL_SAMPLE="$(REAL_SAMPLE)" PY=$(PY) scripts/real_sample_bundle.sh
 
-test-unit: $(STAMP)
+# kubectl from `make tools` (.venv-tools/bin) is found first when it was installed.
+test: $(STAMP)  ## the whole test suite (what CI runs)
+	PATH="$(CURDIR)/.venv-tools/bin:$$PATH" $(PY) -m pytest -q
+
+test-unit: $(STAMP)  ## the fast tests (no whole flows, servers, browsers)
 	$(PY) -m pytest -q -m "not integration"
 
-test-integration: $(STAMP)
-	$(PY) -m pytest -q -m integration
+test-integration: $(STAMP)  ## the tests that run real processes (see docs/testing.md)
+	PATH="$(CURDIR)/.venv-tools/bin:$$PATH" $(PY) -m pytest -q -m integration
 
 lint: $(STAMP)
 	$(PY) -m flake8 plantml serving edge flows tests benchmarks k8s

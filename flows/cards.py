@@ -219,8 +219,7 @@ def domain_parts(report: Mapping[str, Any]) -> list[Any]:
         lo, hi = m["accuracy_ci95"]
         rows.append([d, m["n"], f"{m['accuracy']:.4f} [{_f(lo, 3)}, {_f(hi, 3)}]", _f(m["macro_f1"]), _f(m["ece"]),
                      _f(m["coverage"], 3), _f(m["accuracy_on_answered"]), len(m["classes"])])
-    parts: list[Any] = [Markdown("## Per domain (champion, test split)
-accuracy with its Wilson 95 % interval; "
+    parts: list[Any] = [Markdown("## Per domain (champion, test split)\naccuracy with its Wilson 95 % interval; "
                                  "macro-F1 over the classes that domain holds; ECE after temperature scaling; "
                                  "coverage and accuracy on answered images under the bundle's abstain rule."),
                         Table(rows, headers=["domain", "images", "accuracy [95 % CI]", "macro-F1", "ECE", "coverage",
@@ -241,8 +240,7 @@ accuracy with its Wilson 95 % interval; "
     sc = report.get("shortcut") or {}
     if sc.get("applicable"):
         parts.append(Markdown(
-            f"## Background shortcut check
-{sc['n']} lab leaves of crops without field photos, cut out on their "
+            f"## Background shortcut check\n{sc['n']} lab leaves of crops without field photos, cut out on their "
             f"plain backdrop and pasted onto backgrounds cut from field test photos: **{sc['target_rate']:.1%}** "
             f"predicted as a field crop ({', '.join(sc['target_classes'])}); on their own backdrop "
             f"{sc['target_rate_original']:.1%}. Accuracy {sc['accuracy_original']:.3f} on the backdrop → "

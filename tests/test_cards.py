@@ -78,3 +78,35 @@ def test_every_card_of_a_demo_run_opens_with_the_banner():
 def test_no_card_of_a_real_run_has_the_banner():
     for step, parts in _all_cards(False).items():
         assert not any(_BANNER_MARK in t for t in _texts(parts)), f"{step} card of a real run shows the DEMO banner"
+
+
+def test_evaluate_card_shows_domains_gates_abstention_and_the_shortcut():
+    from plantml.evaluation import domain_metrics
+
+    import numpy as np
+
+    probs = np.array([[.9, .05, .05], [.1, .8, .1], [.2, .2, .6], [.5, .45, .05]])
+    by_domain = domain_metrics(np.array([0, 1, 2, 1]), probs, ["lab", "lab", "field", "field"], list("abc"), 0.55)
+    report = {**_report(False), "by_domain": by_domain,
+              "domain_abstention": {"warnings": ["abstention collapses on field photos: coverage 0.1"]},
+              "domain_gates": [{"domain": "field", "metric": "accuracy", "bound": ">= 0.8", "value": 0.5,
+                                "passed": False}],
+              "shortcut": {"applicable": True, "n": 40, "target_rate": 0.25, "target_rate_original": 0.02,
+                           "accuracy_original": 0.98, "accuracy_pasted": 0.6, "target_classes": ["Apple___scab"],
+                           "max_target_rate": 1.0}}
+    parts = cards.evaluate_card(report, {})
+    text = "\n".join(_texts(parts))
+    assert "Per domain" in text and "abstention collapses on field" in text
+    assert "**25.0%** predicted as a field crop (Apple___scab)" in text and "orchard background ⇒ Apple" in text
+    tables = [p for p in parts if isinstance(p, cards.Table)]
+    assert any("domain gate" in str(t._headers) for t in tables)
+    per_domain = next(t for t in tables if "accuracy [95 % CI]" in str(t._headers))
+    assert [row[0] for row in per_domain._data] == ["field", "lab"]
+    summary = {**_summary(False), "domains": {"field": {"root": "/f", "layout": "flat", "weight": 3.0,
+                                                       "split": [0.5, 0.2, 0.3], "n_images": 240,
+                                                       "splits": {"train": 120, "val": 48, "test": 72},
+                                                       "counts": {"a": {}}}}}
+    prep = cards.prepare_card(summary, None)
+    assert any(isinstance(p, cards.Table) and "sampling weight" in str(p._headers) for p in prep)
+    no_shortcut = cards.evaluate_card({**report, "shortcut": {"applicable": False, "reason": "one domain"}}, {})
+    assert "not applicable (one domain)" in "\n".join(_texts(no_shortcut))

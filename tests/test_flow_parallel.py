@@ -104,7 +104,7 @@ def test_two_parallel_nodes_train_one_branch_and_node_zero_publishes(tiny_datase
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "flows" / "train_flow.py"), "run", "--data-dir", str(tiny_dataset),
          "--params-file", str(_params_file(tmp_path)), "--set", " ".join(overrides),
-         "--run-id-file", str(tmp_path / "run")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+         "--run-id-file", str(tmp_path / "run")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     check = subprocess.run([sys.executable, "-c", CHECK, (tmp_path / "run").read_text().strip()], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=300)

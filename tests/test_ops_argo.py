@@ -75,22 +75,46 @@ def template(s3, tmp_path_factory) -> dict:
     return json.loads(out.stdout[out.stdout.index("{"):])
 
 
-def flow_steps() -> dict[str, dict[str, float]]:
-    """Step names of the flow and the ``@resources`` of each (parsed from its source)."""
+def _flow_decorators() -> dict[str, str]:
+    """Each step of the flow and the decorator lines above it (parsed from its source)."""
     src = FLOW.read_text()
     steps = {}
     for m in re.finditer(r"((?:^[ \t]*@.*\n)+)[ \t]*def (\w+)\(self", src, flags=re.M):
         decorators, name = m.group(1), m.group(2)
-        if not re.search(r"^\s*@step\b", decorators, flags=re.M):
-            continue
+        if re.search(r"^\s*@step\b", decorators, flags=re.M):
+            steps[name] = decorators
+    return steps
+
+
+def flow_steps() -> dict[str, dict[str, float]]:
+    """Step names of the flow and the ``@resources`` of each (parsed from its source)."""
+    steps = {}
+    for name, decorators in _flow_decorators().items():
         res = re.search(r"@resources\(([^)]*)\)", decorators)
         kwargs = dict(re.findall(r"(\w+)\s*=\s*([0-9.]+)", res.group(1))) if res else {}
         steps[name] = {k: float(v) for k, v in kwargs.items()}
     return steps
 
 
+def parallel_steps() -> set[str]:
+    """Steps with ``@parallel`` (a gang: Argo runs them as a JobSet, not as one pod)."""
+    return {name for name, decorators in _flow_decorators().items()
+            if re.search(r"^\s*@parallel\b", decorators, flags=re.M)}
+
+
+def _tpl(step: str) -> str:
+    """Argo template name of a step (Metaflow writes ``_`` as ``-``)."""
+    return step.replace("_", "-")
+
+
 def _containers(template: dict) -> dict[str, dict]:
     return {t["name"]: t for t in template["spec"]["templates"] if "container" in t}
+
+
+def _jobsets(template: dict) -> dict[str, str]:
+    """JobSet manifests (text: Argo expressions inside make it invalid YAML) by template name."""
+    return {t["name"]: t["resource"]["manifest"] for t in template["spec"]["templates"]
+            if "resource" in t and "kind: JobSet" in t["resource"].get("manifest", "")}
 
 
 def _memory_mb(value: str) -> float:
@@ -111,10 +135,11 @@ def test_every_step_is_a_task_on_the_configured_image_and_identity(template):
     steps = flow_steps()
     assert {"start", "prepare", "train", "evaluate", "export", "end"} <= set(steps)
     containers = _containers(template)
-    assert set(steps) <= set(containers), f"steps without a pod template: {set(steps) - set(containers)}"
+    pods = {_tpl(n) for n in steps} - {_tpl(n) for n in parallel_steps()}
+    assert pods <= set(containers), f"steps without a pod template: {pods - set(containers)}"
     dag_tasks = {t["template"] for tpl in template["spec"]["templates"] if "dag" in tpl for t in tpl["dag"]["tasks"]}
-    assert set(steps) - {"train"} <= dag_tasks  # train runs inside the foreach sub-DAG
-    for name in steps:
+    assert {_tpl(n) for n in steps} <= dag_tasks  # the branch steps run inside the foreach sub-DAG
+    for name in sorted(pods):
         tpl = containers[name]
         c = tpl["container"]
         assert c["image"] == SETTINGS["METAFLOW_KUBERNETES_CONTAINER_IMAGE"], name
@@ -135,10 +160,38 @@ def test_resources_from_params_become_pod_requests(template):
     for name in ("prepare", "train", "evaluate", "export"):
         res = getattr(declared, name)
         assert "@resources(**RESOURCES." + name in FLOW.read_text(), f"{name} does not declare @resources"
-        requests = containers[name]["container"]["resources"]["requests"]
+        requests = containers[_tpl(name)]["container"]["resources"]["requests"]
         assert float(requests["cpu"]) == res.cpu, name
         assert _memory_mb(requests["memory"]) == pytest.approx(res.memory), name
         assert _memory_mb(requests["ephemeral-storage"]) == pytest.approx(res.disk), name
+
+
+def test_multi_node_training_is_a_jobset_gang_sized_at_run_time(template):
+    """``train_node`` (``@parallel``) compiles to a JobSet: node 0 (control) plus N - 1 workers, N read at run time.
+
+    Each node is a pod with the train step's requests from params.yaml, on the configured
+    image and identity, and gets the rendezvous (``MF_MASTER_ADDR``/``MF_MASTER_PORT``).
+    """
+    from plantml.config import load_params
+
+    assert parallel_steps() == {"train_node"}
+    assert "@resources(**RESOURCES.train" in _flow_decorators()["train_node"]
+    jobsets = _jobsets(template)
+    assert set(jobsets) == {"train-node"}
+    manifest = jobsets["train-node"]
+    assert "- name: control" in manifest and "- name: worker" in manifest
+    assert re.search(r"name: worker\n\s+replicas: \{\{=asInt\(inputs\.parameters\.workerCount\)\}\}", manifest)
+    res = load_params().resources.train
+    for role in manifest.split("- name: worker"):  # control, then worker
+        assert f"image: {SETTINGS['METAFLOW_KUBERNETES_CONTAINER_IMAGE']}" in role
+        assert f"serviceAccountName: {SETTINGS['METAFLOW_KUBERNETES_SERVICE_ACCOUNT']}" in role
+        assert f"name: {SETTINGS['METAFLOW_KUBERNETES_SECRETS']}" in role
+        assert f"cpu: '{float(res.cpu)}'" in role and f"memory: {float(res.memory)}M" in role
+        assert "name: MF_MASTER_ADDR" in role and "name: MF_MASTER_PORT" in role
+    # The gang's size comes from the fan-out step at run time (train.distributed.nodes), not from the template.
+    fanout = next(t for t in template["spec"]["templates"] if t["name"] == "prepare-foreach-model-names")
+    when = {t["name"]: t.get("when", "") for t in fanout["dag"]["tasks"]}
+    assert "switch-step" in when["train-fanout-foreach-parallel"]  # only runs when branch chose the gang
 
 
 def test_code_package_is_in_the_s3_datastore(template, s3):

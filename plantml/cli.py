@@ -3,6 +3,7 @@
 ::
 
     plantml prepare [--data-dir DIR|s3://...]   # -> artifacts/prepared/{index.json,*.tar,manifest.csv,summary.json}
+    plantml prepare --data-dir lab=DIR,field=DIR  # several sources, one per domain (see plantml.data)
     plantml train --model cnn                   # -> artifacts/train/cnn/{model.pt,history.json,result.json}
     plantml evaluate                            # -> artifacts/eval/{metrics.json,report.json,plots/}
     plantml export --out artifacts/bundle       # -> a bundle directory (atomic), optionally registered
@@ -192,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="scan, check and split the data; write the manifest")
     common(p)
-    p.add_argument("--data-dir", default=None, help="dataset folder (default: data.data_dir, or the DEMO set)")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset folder or s3:// prefix, or several as DOMAIN=PATH,DOMAIN=PATH (e.g. "
+                   "lab=../shared/data/plantvillage-mini,field=../shared/data/field-apple); default: "
+                   "data.data_dir, else data.sources, else the DEMO set")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train one model (or all in train.models)")

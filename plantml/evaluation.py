@@ -170,9 +170,8 @@ def domain_metrics(labels: np.ndarray, probs: np.ndarray, domains: Sequence[str]
             "accuracy_on_answered": float((y[acc] == p[acc]).mean()) if n_acc else float("nan"),
             "accuracy_on_answered_ci95": list(wilson_interval(int((y[acc] == p[acc]).sum()), n_acc)),
             "classes": [classes[i] for i in present],
-            "confusion": {"classes": [classes[i] for i in present], "columns": [*(classes[i] for i in present),
-                                                                                 "other"],
-                          "matrix": cm.tolist()},
+            "confusion": {"classes": [classes[i] for i in present],
+                          "columns": [*(classes[i] for i in present), "other"], "matrix": cm.tolist()},
         }
     return out
 

@@ -589,7 +589,8 @@ def enforce_quality_gates(params: Params, report: Mapping[str, Any]) -> None:
     if shortcut.get("applicable") and shortcut["target_rate"] > params.robustness.max_shortcut_rate:
         raise QualityGateError(
             f"shortcut gate failed for champion {name}: {shortcut['target_rate']:.3f} of non-field lab leaves on field "
-            f"backgrounds predicted as a field class > robustness.max_shortcut_rate {params.robustness.max_shortcut_rate}")
+            f"backgrounds predicted as a field class > robustness.max_shortcut_rate "
+            f"{params.robustness.max_shortcut_rate}")
 
 
 def _dvc_metrics(report: Mapping[str, Any]) -> dict[str, Any]:

@@ -102,10 +102,9 @@ def test_evaluate_card_shows_domains_gates_abstention_and_the_shortcut():
     assert any("domain gate" in str(t._headers) for t in tables)
     per_domain = next(t for t in tables if "accuracy [95 % CI]" in str(t._headers))
     assert [row[0] for row in per_domain._data] == ["field", "lab"]
-    summary = {**_summary(False), "domains": {"field": {"root": "/f", "layout": "flat", "weight": 3.0,
-                                                       "split": [0.5, 0.2, 0.3], "n_images": 240,
-                                                       "splits": {"train": 120, "val": 48, "test": 72},
-                                                       "counts": {"a": {}}}}}
+    field = {"root": "/f", "layout": "flat", "weight": 3.0, "split": [0.5, 0.2, 0.3], "n_images": 240,
+             "splits": {"train": 120, "val": 48, "test": 72}, "counts": {"a": {}}}
+    summary = {**_summary(False), "domains": {"field": field}}
     prep = cards.prepare_card(summary, None)
     assert any(isinstance(p, cards.Table) and "sampling weight" in str(p._headers) for p in prep)
     no_shortcut = cards.evaluate_card({**report, "shortcut": {"applicable": False, "reason": "one domain"}}, {})

@@ -117,9 +117,8 @@ def test_prepare_two_sources_records_domains_and_splits_per_domain(two_sources, 
     lab, field = two_sources
     staging = PixelStaging(32)
     try:
-        rows, summary = prepare_dataset([DataSource("lab", str(lab)), DataSource("field", str(field), 2.0,
-                                                                                  (0.4, 0.2, 0.4))],
-                                        seed=3, progress=False, staging=staging)
+        sources = [DataSource("lab", str(lab)), DataSource("field", str(field), 2.0, (0.4, 0.2, 0.4))]
+        rows, summary = prepare_dataset(sources, seed=3, progress=False, staging=staging)
         keyed, index = write_shards(rows, summary, staging, str(tmp_path / "store"), 8, 3, progress=False)
     finally:
         staging.close()
@@ -238,8 +237,8 @@ def test_wilson_interval_matches_the_textbook():
 
 
 def test_domain_gates_fail_pass_and_not_applicable():
-    by_domain = {"lab": {"accuracy": 0.98, "ece": 0.02, "coverage": 0.9}, "field": {"accuracy": 0.6, "ece": 0.08,
-                                                                                   "coverage": 0.2}}
+    by_domain = {"lab": {"accuracy": 0.98, "ece": 0.02, "coverage": 0.9},
+                 "field": {"accuracy": 0.6, "ece": 0.08, "coverage": 0.2}}
     gates = [GateParams("field", "accuracy", min=0.8), GateParams("lab", "ece", max=0.03),
              GateParams("field", "ece", max=0.03), GateParams("drone", "accuracy", min=0.5),
              GateParams("drone", "accuracy", min=0.5, required=True)]

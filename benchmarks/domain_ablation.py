@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], help="more overrides key=value")
     ap.add_argument("--work", default="/tmp/plantml-ablation")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--eval-only", action="store_true", help="score the variant's existing checkpoint again")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -78,23 +79,41 @@ def main(argv: list[str] | None = None) -> int:
     index = load_index(str(store))
     out_dir = Path(args.work) / f"train-{args.variant}"
     t0 = time.time()
-    result = train_branch(params, "cnn", index, out_dir, parallel_branches=1, progress=False)
-    train_s = time.time() - t0
+    if args.eval_only:
+        from plantml.training import TrainResult
 
-    from plantml.calibration import fit_temperature
+        result = TrainResult(**{k: v for k, v in json.loads((out_dir / "result.json").read_text()).items()
+                                if k in TrainResult.__dataclass_fields__})
+        result.checkpoint_path = str(out_dir / "model.pt")
+        train_s = result.train_seconds
+    else:
+        result = train_branch(params, "cnn", index, out_dir, parallel_branches=1, progress=False)
+        train_s = time.time() - t0
+
+    from plantml import calibration as cal
+    from plantml.pipeline import _shortcut_report, _torch_proba, load_manifest
     from plantml.training import load_checkpoint
 
     model, _ = load_checkpoint(result.checkpoint_path)
     spec = InputSpec(size=result.image_size, mean=tuple(result.mean), std=tuple(result.std))
-    val, test = (score_split(model, index, s, spec) for s in ("val", "test"))
-    temperature = fit_temperature(val.logits, val.labels)
-    by_domain = domain_metrics(test.labels, softmax(test.logits, temperature), test.domains, index.classes)
+    rows = load_manifest(index)
+    val, test = (score_split(model, index, s, spec, rows=rows) for s in ("val", "test"))
+    # The flow's calibration (temperature + confidence threshold on validation; no OOD score here).
+    calib = cal.calibration_summary(val.logits, val.labels, test.logits, test.labels,
+                                    params.calibration.target_precision, params.calibration.min_coverage)
+    temperature = calib["temperature"]
+    by_domain = domain_metrics(test.labels, softmax(test.logits, temperature), test.domains, index.classes,
+                               calib["abstain_threshold"])
+    shortcut = _shortcut_report(params, _torch_proba(model, spec, temperature), index, rows, index.classes)
     row = {
         "variant": args.variant, "field_weight": args.field_weight, "background_replace": args.background,
         "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "train_seconds": round(train_s, 1),
-        "temperature": temperature,
-        "domains": {d: {k: m[k] for k in ("n", "accuracy", "accuracy_ci95", "macro_f1", "ece")}
+        "temperature": temperature, "abstain_threshold": calib["abstain_threshold"],
+        "domains": {d: {k: m[k] for k in ("n", "accuracy", "accuracy_ci95", "macro_f1", "ece", "coverage",
+                                          "accuracy_on_answered")}
                     for d, m in by_domain.items()},
+        "shortcut": {k: shortcut.get(k) for k in ("n", "n_no_mask", "target_rate", "target_rate_original",
+                                                  "accuracy_original", "accuracy_pasted")},
         "image_size": params.train.image_size, "epochs": params.train.epochs,
         "cpu": cpu_flags(), "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M"),
     }

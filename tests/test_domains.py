@@ -297,3 +297,35 @@ def test_registry_flattens_domain_metrics():
                                  "shortcut": {"target_rate": 0.05}})
     assert items == {"test_field_accuracy": 0.8, "test_field_coverage": 0.7, "test_field_ece": 0.02,
                      "test_field_n": 72.0, "shortcut_target_rate": 0.05}
+
+
+def test_an_s3_source_beside_a_local_one(two_sources, tmp_path, monkeypatch):
+    """`--data-dir lab=s3://...,field=LOCAL`: S3 sources keep working as one of several."""
+    moto = pytest.importorskip("moto")
+    import boto3
+
+    from plantml import storage
+    from plantml.pipeline import prepare
+
+    lab, field = two_sources
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "METAFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    storage._client.cache_clear()
+    try:
+        with moto.mock_aws():
+            s3 = boto3.client("s3")
+            s3.create_bucket(Bucket="leaves")
+            for f in sorted(lab.rglob("*.png")):
+                s3.upload_file(str(f), "leaves", f"lab/{f.relative_to(lab).as_posix()}")
+            params = params_from_dict({"data": {"data_dir": f"lab=s3://leaves/lab,field={field}",
+                                                "prepared_dir": str(tmp_path / "prep")},
+                                       "train": {"image_size": 32}})
+            summary, index = prepare(params, store="s3://leaves/run/data", progress=False)
+            assert summary.domains["lab"]["root"] == "s3://leaves/lab" and summary.domains["field"]["n_images"] == 21
+            assert summary.root == f"lab=s3://leaves/lab,field={field}"
+            assert sh.load_index("s3://leaves/run/data").domain_counts["test"]["field"] >= 1
+    finally:
+        storage._client.cache_clear()

@@ -354,17 +354,38 @@ def test_exit_codes():
 
 
 def test_drift_module_stays_light():
-    """serving imports plantml.drift / imagestats: no torch, no evidently at import time."""
+    """serving imports plantml.drift / imagestats: no torch, no evidently at import time.
+
+    Nor plantml.config: only the command line (plantml.drift.cli) reads params.yaml, and the
+    package loads it on first use of a CLI name.
+    """
     import subprocess
     import sys
 
     code = (
         "import sys, plantml.drift, plantml.imagestats; "
-        "bad = [m for m in ('torch', 'evidently', 'metaflow', 'mlflow', 'onnxruntime') if m in sys.modules]; "
+        "bad = [m for m in ('torch', 'evidently', 'metaflow', 'mlflow', 'onnxruntime', 'plantml.config', "
+        "'plantml.drift.cli') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_package_keeps_every_import_path():
+    """The split into plantml/drift/ keeps ``from plantml.drift import X`` and ``python -m plantml.drift``."""
+    import subprocess
+    import sys
+
+    from plantml.drift import cli as drift_cli
+
+    assert drift.run_drift_cli is drift_cli.run_drift_cli and drift.add_drift_arguments is drift_cli.add_drift_arguments
+    assert set(drift.__all__) <= set(dir(drift)) | {"add_drift_arguments", "run_drift_cli", "main"}
+    with pytest.raises(AttributeError):
+        drift.no_such_name  # noqa: B018
+    res = subprocess.run([sys.executable, "-m", "plantml.drift", "--help"], capture_output=True, text=True,
+                         cwd=REPO_ROOT)
+    assert res.returncode == 0 and "--summary-out" in res.stdout, res.stderr
 
 
 # ------------------------------------------------------------------ the flow

@@ -11,7 +11,7 @@ Endpoints (see ``docs/serving.md`` for examples):
 * ``GET /health``, ``GET /ready``, ``GET /classes``, ``GET /model`` (= ``/model/info``),
   ``GET /metrics``.
 * KServe Open Inference Protocol v2 REST (``GET /v2``, ``/v2/health/*``,
-  ``/v2/models/<name>...``), registered from :mod:`serving.oip`.
+  ``/v2/models/<name>...``): the blueprint of :mod:`serving.oip`.
 * ``GET /`` - an upload page (no external assets, relative URLs); ``POST /`` renders the
   answers without JavaScript.
 
@@ -39,21 +39,19 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from plantml.model_card import read_model_card
 from plantml.preprocess import top_k
 
-from serving.limits import trim_heap
 from serving.metrics import REQUEST_BUCKETS, ServingMetrics
-from serving.oip import register_oip_routes
+from serving.oip import oip_blueprint
 from serving.predictor import (ModelLoadError, Predictor, build_predictor, set_worker_load_error, worker_load_error,
                                worker_predictor)
-from serving.service import (TRIM_AFTER_PIXELS, ClientError, PreparedImage, ServiceState, not_ready_reason,
-                             prepare_image, read_body)
+from serving.service import ClientError, PreparedImage, ServiceState, not_ready_reason, prepare_images
 from serving.settings import Settings
+from serving.uploads import read_uploads, top_k_param, upload_label
 
 log = logging.getLogger(__name__)
 
 LEGACY_TOP = 5  # the predecessor service always listed five classes in top5_predictions
 #: What the legacy ``prediction`` field says when the model abstains (see :func:`_legacy_fields`).
 UNCERTAIN = "uncertain"
-RAW_BODY_TYPES = ("application/octet-stream",)
 #: Methods answered by the app at all. Anything else is refused by :class:`MethodFilter`
 #: before Flask sees it, so a made-up method never becomes a metrics label.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT"})
@@ -99,7 +97,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
 
     _register_errors(app, state)
     _register_core_routes(app, state, exporter)
-    register_oip_routes(app, state)
+    app.register_blueprint(oip_blueprint(state))
     app.wsgi_app = MethodFilter(app.wsgi_app, state)  # type: ignore[method-assign]
     return app
 
@@ -215,82 +213,10 @@ def _register_errors(app: Flask, state: ServiceState) -> None:
 # --------------------------------------------------------------------------- uploads
 
 
-def _read_uploads(fields: tuple[str, ...], max_images: int) -> list[tuple[str | None, bytes]]:
-    """The images of a request: multipart parts named ``fields``, or a raw image body.
-
-    Raises:
-        ClientError: 415 for another media type, 400 for no image or too many.
-    """
-    mimetype = (request.mimetype or "").lower()
-    if mimetype == "multipart/form-data":
-        # a file input left empty is sent as a part with no filename and no bytes (the
-        # upload page's camera input when the photos came from the picker): nothing chosen
-        parts = [f for name in fields for f in request.files.getlist(name) if not _unchosen(f)]
-        if not parts:
-            as_text = [name for name in fields if name in request.form]
-            if as_text:
-                raise ClientError(400, "no_file", f"multipart field {as_text[0]!r} was sent as a text value, not as a "
-                                                  "file upload (give the part a filename, e.g. curl -F file=@leaf.jpg)")
-            present = sorted(set(request.files) | set(request.form))
-            hint = f" (got field(s): {', '.join(present)})" if present else ""
-            raise ClientError(400, "no_file", f"no image in multipart field {' or '.join(map(repr, fields))}{hint}")
-        if len(parts) > max_images:
-            raise ClientError(400, "too_many_images",
-                              f"{len(parts)} images in one request; the limit is {max_images} (PLANTML_MAX_IMAGES)")
-        return [(p.filename or None, p.read()) for p in parts]
-    if mimetype.startswith("image/") or mimetype in RAW_BODY_TYPES:
-        return [(None, read_body())]
-    if not mimetype and not request.content_length and not request.headers.get("Transfer-Encoding"):
-        raise ClientError(400, "empty", "empty request: send an image as multipart field 'file' or as an image/* body")
-    raise ClientError(
-        415, "unsupported_media_type",
-        f"unsupported Content-Type {mimetype or '(none)'!r}: send multipart/form-data with field "
-        f"{fields[0]!r} or a raw image/* body",
-    )
-
-
-def _unchosen(part: Any) -> bool:
-    """A multipart file part of an input the user left empty (no filename, no bytes)."""
-    if part.filename:
-        return False
-    head = part.stream.read(1)
-    part.stream.seek(0)
-    return not head
-
-
-def _which(i: int, name: str | None, count: int) -> str:
-    return f"image {i}" + (f" ({name})" if name else "") if count > 1 or name else "image"
-
-
 def _prepare_all(state: ServiceState, spec: Any, uploads: list[tuple[str | None, bytes]]) -> list[PreparedImage]:
     """Decode and reduce the uploads one at a time within the request's pixel budget."""
-    budget_left = state.settings.max_request_pixels
-    prepared: list[PreparedImage] = []
-    decoded = 0
-    try:
-        for i, (name, data) in enumerate(uploads):
-            item = prepare_image(state, spec, data, _which(i, name, len(uploads)), budget_left)
-            pixels = item.size[0] * item.size[1]
-            budget_left -= pixels
-            decoded += pixels
-            prepared.append(item)
-    finally:
-        if decoded >= TRIM_AFTER_PIXELS:
-            trim_heap()
-    return prepared
-
-
-def _top_k_param(state: ServiceState, n_classes: int) -> int:
-    raw = request.args.get("top_k")
-    if raw is None:
-        return min(state.settings.top_k, n_classes)
-    try:
-        k = int(raw)
-    except ValueError:
-        raise ClientError(400, "bad_parameter", f"top_k={raw!r} is not an integer") from None
-    if not 1 <= k <= n_classes:
-        raise ClientError(400, "bad_parameter", f"top_k={k} must be between 1 and {n_classes}")
-    return k
+    n = len(uploads)
+    return prepare_images(state, spec, ((upload_label(i, name, n), data) for i, (name, data) in enumerate(uploads)))
 
 
 def _predict(state: ServiceState, images: list[PreparedImage], k: int) -> tuple[list[dict[str, Any]], float]:
@@ -354,8 +280,8 @@ def _legacy_fields(p: dict[str, Any], shares_confidence: bool = False) -> dict[s
 def _prediction_response(state: ServiceState, fields: tuple[str, ...], legacy_each: bool) -> dict[str, Any]:
     started = time.perf_counter()
     predictor = state.require_predictor()
-    uploads = _read_uploads(fields, state.settings.max_images)
-    k = _top_k_param(state, len(predictor.classes))
+    uploads = read_uploads(fields, state.settings.max_images)
+    k = top_k_param(state.settings.top_k, len(predictor.classes))
     images = _prepare_all(state, predictor.spec, uploads)
     preds, forward_s = _predict(state, images, k)
     items = []

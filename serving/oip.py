@@ -1,8 +1,9 @@
 """KServe Open Inference Protocol v2 (REST), as Triton speaks it, over the service's predictor.
 
-Routes (registered on the app by :func:`register_oip_routes`; the Flask endpoint names
-``oip_*`` are the ``endpoint`` label of the request metrics, which the alert rules and
-the dashboard select on, so they are app routes rather than a blueprint's ``oip.*``):
+Routes (the blueprint of :func:`oip_blueprint`, which the app factory registers; its
+routes keep the app-level endpoint names ``oip_*`` rather than a blueprint's ``oip.*``,
+because the endpoint is the ``endpoint`` label of the request metrics that the alert
+rules and the dashboard select on):
 
 * ``GET /v2`` (server metadata), ``/v2/health/live``, ``/v2/health/ready``;
 * ``GET /v2/models/<name>[/versions/<v>]`` (model metadata), ``.../ready``;
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flask import Flask, Response, jsonify
+from flask import Blueprint, Flask, Response, jsonify
 
 from plantml import __version__
 
@@ -227,7 +228,18 @@ def infer(state: ServiceState, name: str, version: str | None) -> Response:
 # --------------------------------------------------------------------------- routes
 
 
-def register_oip_routes(app: Flask, state: ServiceState) -> None:
+def oip_blueprint(state: ServiceState) -> Blueprint:
+    """The v2 protocol over ``state``, for ``app.register_blueprint``.
+
+    The routes are added when the blueprint is registered, under the app-level endpoint
+    names ``oip_*`` (see the module docstring: they are metric labels the alerts select on).
+    """
+    blueprint = Blueprint("oip", __name__)
+    blueprint.record_once(lambda setup: _add_routes(setup.app, state))
+    return blueprint
+
+
+def _add_routes(app: Flask, state: ServiceState) -> None:
     """Add the v2 routes to ``app`` (endpoint names ``oip_*``, see the module docstring)."""
     @app.get("/v2")
     def oip_server():
@@ -260,4 +272,4 @@ def register_oip_routes(app: Flask, state: ServiceState) -> None:
         return infer(state, name, version)
 
 
-__all__ = ["EXTENSIONS", "TRITON_PLATFORMS", "model_metadata", "platform_name", "register_oip_routes"]
+__all__ = ["EXTENSIONS", "TRITON_PLATFORMS", "model_metadata", "oip_blueprint", "platform_name"]

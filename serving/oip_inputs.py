@@ -31,10 +31,9 @@ from plantml.preprocess import preprocess_image
 
 from serving import oip_binary
 from serving.drift_feed import shrink_for_stats
-from serving.limits import trim_heap
 from serving.oip_binary import BinaryDataError
 from serving.predictor import Predictor
-from serving.service import TRIM_AFTER_PIXELS, ClientError, PreparedImage, ServiceState, prepare_image, read_body
+from serving.service import ClientError, PreparedImage, ServiceState, prepare_images, read_body
 
 #: Media types the infer endpoint accepts (tritonclient sends none at all).
 INFER_MEDIA_TYPES = ("", "application/json", oip_binary.BINARY_CONTENT_TYPE)
@@ -163,18 +162,9 @@ def images_from_tensor(state: ServiceState, predictor: Predictor, tensor: InputT
     """Decode a BYTES tensor's images one at a time within the request's pixel budget."""
     items = _image_elements(tensor)
     check_count(state, len(items))
-    budget_left = state.settings.max_request_pixels
-    prepared: list[PreparedImage] = []
-    try:
-        for i, item in enumerate(items):
-            data = _binary_image(item, i) if tensor.raw is not None else _json_image(item, i)
-            one = prepare_image(state, predictor.spec, data, f"input[{i}]", budget_left)
-            budget_left -= one.size[0] * one.size[1]
-            prepared.append(one)
-    finally:
-        if state.settings.max_request_pixels - budget_left >= TRIM_AFTER_PIXELS:
-            trim_heap()
-    return prepared
+    extract = _binary_image if tensor.raw is not None else _json_image
+    # a generator: element i is decoded from base64 / the binary section only when its turn comes
+    return prepare_images(state, predictor.spec, ((f"input[{i}]", extract(item, i)) for i, item in enumerate(items)))
 
 
 def array_from_tensor(state: ServiceState, predictor: Predictor, tensor: InputTensor) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 from flask import request
@@ -20,7 +20,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from plantml.preprocess import ImageDecodeError, finish_decode, open_image, preprocess_image
 
 from serving.drift_feed import DriftFeed, shrink_for_stats
-from serving.limits import PixelGate
+from serving.limits import PixelGate, trim_heap
 from serving.metrics import ServingMetrics
 from serving.predictor import Predictor, unready_workers
 from serving.settings import Settings
@@ -145,5 +145,27 @@ def prepare_image(state: ServiceState, spec: Any, data: bytes, label: str, budge
     return PreparedImage(tensor=tensor, size=size, thumbnail=thumbnail)
 
 
+def prepare_images(state: ServiceState, spec: Any, uploads: Iterable[tuple[str, bytes]]) -> list[PreparedImage]:
+    """Decode and reduce ``(label, bytes)`` uploads one at a time within the request's pixel budget.
+
+    ``uploads`` may be a generator that extracts each image's bytes only when its turn comes,
+    so a bad element is reported after the images before it were checked, as they arrive.
+
+    Raises:
+        ClientError: as :func:`prepare_image`, for the first upload that fails.
+    """
+    budget_left = state.settings.max_request_pixels
+    prepared: list[PreparedImage] = []
+    try:
+        for label, data in uploads:
+            one = prepare_image(state, spec, data, label, budget_left)
+            budget_left -= one.size[0] * one.size[1]
+            prepared.append(one)
+    finally:
+        if state.settings.max_request_pixels - budget_left >= TRIM_AFTER_PIXELS:
+            trim_heap()
+    return prepared
+
+
 __all__ = ["ClientError", "PreparedImage", "ServiceState", "TRIM_AFTER_PIXELS", "not_ready_reason", "prepare_image",
-           "read_body"]
+           "prepare_images", "read_body"]

@@ -115,7 +115,8 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    # rounded: k = n must give an upper bound of exactly 1.0, not 0.9999999999999999
+    return round(float(max(0.0, centre - half)), 12), round(float(min(1.0, centre + half)), 12)
 
 
 def domain_metrics(labels: np.ndarray, probs: np.ndarray, domains: Sequence[str], classes: Sequence[str],

@@ -233,7 +233,7 @@ def test_domain_metrics_on_known_predictions():
 def test_wilson_interval_matches_the_textbook():
     lo, hi = wilson_interval(58, 72)  # 80.6 % of 72 field photos
     assert lo == pytest.approx(0.6997, abs=2e-4) and hi == pytest.approx(0.8805, abs=2e-4)
-    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0  # exactly, not 0.99999...
 
 
 def test_domain_gates_fail_pass_and_not_applicable():

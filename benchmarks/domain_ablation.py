@@ -48,9 +48,33 @@ def cpu_flags() -> str:
     return f"{model}; {' '.join(simd)}"
 
 
+def mask_stats(lab: str, field: str, n_lab: int = 300, n_field: int = 240, size: int = 160) -> dict:
+    """How well the plain-backdrop test separates the two shared sets (the figures in plantml/backdrop.py)."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from plantml import backdrop
+
+    rng = random.Random(0)
+    pick = {name: rng.sample(sorted(Path(root).glob("*/*.jpg")), n) for name, root, n in
+            (("lab", lab, n_lab), ("field", field, n_field))}
+    out = {}
+    for name, paths in pick.items():
+        px = [np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in paths]
+        res = np.array([backdrop.border_residual(x) for x in px])
+        masks = [backdrop.leaf_mask(x) for x in px]
+        out[name] = {"n": len(px), "residual_p1_p5_p50_p95": np.percentile(res, [1, 5, 50, 95]).round(1).tolist(),
+                     "mask_found": float(np.mean([m is not None for m in masks])),
+                     "leaf_share_median": float(np.median([m.mean() for m in masks if m is not None] or [np.nan]))}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", required=True)
+    ap.add_argument("--variant", required=True, help="row name (with --mask-stats: any)")
+    ap.add_argument("--mask-stats", action="store_true", help="only measure the plain-backdrop mask on both sets")
     ap.add_argument("--lab", default=str(SHARED / "plantvillage-mini"))
     ap.add_argument("--field", default=str(SHARED / "field-apple"))
     ap.add_argument("--field-weight", type=float, default=1.0)
@@ -62,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-only", action="store_true", help="score the variant's existing checkpoint again")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.mask_stats:
+        row = {"mask_stats": mask_stats(args.lab, args.field), "cpu": cpu_flags()}
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(json.dumps(row))
+        return 0
 
     from plantml.config import parse_override
 

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.support.net import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 MON = REPO / "monitoring"
@@ -391,12 +392,6 @@ def test_alert_rule_tests_catch_a_broken_threshold(tmp_path):
 
 
 # --------------------------------------------------------------------------- live stack
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):

@@ -132,7 +132,7 @@ def test_a_long_strip_never_builds_the_scaled_image():
 
 
 def test_pixel_and_aspect_limits_are_checked_before_decoding():
-    from tests.serving_support import png_bytes
+    from tests.support.serving import png_bytes
 
     from plantml.preprocess import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS
 

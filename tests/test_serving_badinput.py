@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 try:  # tests/ may or may not be a package
     from tests.conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image
-    from tests.serving_support import (Client, GunicornServer, bad_cases, metric, multipart, parse_metrics,
+    from tests.support.serving import (Client, GunicornServer, bad_cases, metric, multipart, parse_metrics,
                                        unusual_images)
 except ImportError:  # pragma: no cover
     from conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image
-    from serving_support import Client, GunicornServer, bad_cases, metric, multipart, parse_metrics, unusual_images
+    from support.serving import Client, GunicornServer, bad_cases, metric, multipart, parse_metrics, unusual_images
 
 GOOD_LABEL = "Tomato___healthy"
 CASES = bad_cases()

@@ -2,7 +2,7 @@
 
 Covers issue 14 item 6: camera input (``capture``), several photos at once, drag and
 drop, the in-browser downscale (longest side 1024, JPEG) and relative URLs behind an
-ingress path prefix (a loopback proxy, ``serving_support.PrefixProxy``, forwards
+ingress path prefix (a loopback proxy, ``tests.support.serving.PrefixProxy``, forwards
 ``/plantml/...`` to the server without the prefix, as a rewriting ingress does).
 
 Chromium comes from Debian's ``chromium`` package (no browser download); it is driven
@@ -19,10 +19,10 @@ import pytest
 
 try:  # tests/ may or may not be a package
     from tests.conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image
-    from tests.serving_support import GunicornServer, PrefixProxy
+    from tests.support.serving import GunicornServer, PrefixProxy
 except ImportError:  # pragma: no cover
     from conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image
-    from serving_support import GunicornServer, PrefixProxy
+    from support.serving import GunicornServer, PrefixProxy
 
 pytestmark = pytest.mark.integration
 

@@ -22,10 +22,10 @@ import pytest
 
 try:  # tests/ may or may not be a package
     from tests.conftest import TINY_CLASSES, make_leaf_image, noise_image
-    from tests.serving_support import Client, metric, parse_metrics
+    from tests.support.serving import Client, metric, parse_metrics
 except ImportError:  # pragma: no cover
     from conftest import TINY_CLASSES, make_leaf_image, noise_image
-    from serving_support import Client, metric, parse_metrics
+    from support.serving import Client, metric, parse_metrics
 
 TEMPERATURE = 8.0
 CLASSES = list(TINY_CLASSES)

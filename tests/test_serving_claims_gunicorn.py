@@ -17,10 +17,10 @@ import requests
 
 try:  # tests/ may or may not be a package
     from tests.conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image
-    from tests.serving_support import GunicornServer, accepted_by, multipart, wait_for
+    from tests.support.serving import GunicornServer, accepted_by, multipart, wait_for
 except ImportError:  # pragma: no cover
     from conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image
-    from serving_support import GunicornServer, accepted_by, multipart, wait_for
+    from support.serving import GunicornServer, accepted_by, multipart, wait_for
 
 LABELS = list(TINY_CLASSES)
 

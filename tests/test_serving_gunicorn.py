@@ -23,11 +23,11 @@ import requests
 
 try:  # tests/ may or may not be a package
     from tests.conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image
-    from tests.serving_support import (GunicornServer, children_of, clean_env, counts_by_pid, free_port,
+    from tests.support.serving import (GunicornServer, children_of, clean_env, counts_by_pid, free_port,
                                        metric, multipart, parse_metrics, wait_for, accepted_by)
 except ImportError:  # pragma: no cover
     from conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image
-    from serving_support import (GunicornServer, children_of, clean_env, counts_by_pid, free_port, metric,
+    from support.serving import (GunicornServer, children_of, clean_env, counts_by_pid, free_port, metric,
                                  multipart, parse_metrics, wait_for, accepted_by)
 
 pytestmark = pytest.mark.integration

@@ -31,12 +31,12 @@ import requests
 
 try:  # tests/ may or may not be a package
     from tests.conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image
-    from tests.serving_support import (Client, GunicornServer, MemoryCgroup, bad_cases, free_port, multipart,
+    from tests.support.serving import (Client, GunicornServer, MemoryCgroup, bad_cases, free_port, multipart,
                                        peak_rss_mb, png_bytes, png_with_declared_size, unusual_images, wait_for,
                                        accepted_by)
 except ImportError:  # pragma: no cover
     from conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image
-    from serving_support import (Client, GunicornServer, MemoryCgroup, bad_cases, free_port, multipart, peak_rss_mb,
+    from support.serving import (Client, GunicornServer, MemoryCgroup, bad_cases, free_port, multipart, peak_rss_mb,
                                  png_bytes, png_with_declared_size, unusual_images, wait_for, accepted_by)
 
 pytestmark = [

@@ -22,10 +22,10 @@ import pytest
 
 try:  # tests/ may or may not be a package
     from tests.conftest import SHARED_SAMPLE, TINY_CLASSES, jpeg_bytes, make_leaf_image
-    from tests.serving_support import Client, GunicornServer
+    from tests.support.serving import Client, GunicornServer
 except ImportError:  # pragma: no cover
     from conftest import SHARED_SAMPLE, TINY_CLASSES, jpeg_bytes, make_leaf_image
-    from serving_support import Client, GunicornServer
+    from support.serving import Client, GunicornServer
 
 from serving.app import create_app
 from serving.oip_binary import HEADER, decode_bytes_elements, encode_bytes_elements, split_body

@@ -15,10 +15,10 @@ import pytest
 
 try:  # tests/ may or may not be a package
     from tests.conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image
-    from tests.serving_support import REPO_ROOT, Client, clean_env, metric, multipart, parse_metrics
+    from tests.support.serving import REPO_ROOT, Client, clean_env, metric, multipart, parse_metrics
 except ImportError:  # pragma: no cover
     from conftest import TINY_CLASSES, jpeg_bytes, make_leaf_image
-    from serving_support import REPO_ROOT, Client, clean_env, metric, multipart, parse_metrics
+    from support.serving import REPO_ROOT, Client, clean_env, metric, multipart, parse_metrics
 
 from serving.app import create_app
 from serving.predictor import ModelLoadError, Predictor, build_predictor
@@ -755,7 +755,7 @@ def test_chunked_body_over_the_limit_is_413(tiny_bundle, predictor):
 
 
 def test_request_pixel_budget_and_one_image_at_a_time(tiny_bundle, predictor, monkeypatch):
-    from tests.serving_support import multipart, png_bytes
+    from tests.support.serving import multipart, png_bytes
 
     import serving.service as serving_app
 

@@ -1,7 +1,7 @@
 """Helpers for the serving tests: a real gunicorn server on a free loopback port, a
 uniform HTTP client over it or over Flask's test client, and the bad/unusual inputs.
 
-Not a test module (no ``test_`` prefix); the serving test files import it.
+Not a test module (no ``test_`` prefix); the serving test files import it from ``tests.support.serving``.
 """
 
 from __future__ import annotations
@@ -24,18 +24,13 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from .net import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 GUNICORN_CONF = REPO_ROOT / "serving" / "gunicorn.conf.py"
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(**overrides: str) -> dict[str, str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.moto_support import moto_s3_server
+from tests.support.moto import moto_s3_server
 
 pytestmark = pytest.mark.integration
 

@@ -36,7 +36,9 @@ CI_SET=(
   "train.epochs=${REAL_SAMPLE_EPOCHS:-3}" "train.patience=2"
   "train.label_smoothing=0.1" "train.weight_decay=0.05" "train.warmup_epochs=1"
   "train.device=cpu" "train.num_threads=0" "train.loader_workers=0" "train.seed=42"
-  "train.distributed.world_size=1"
+  "train.distributed.world_size=1" "train.shuffle_buffer=512"
+  # no backdrop replacement (params.yaml's default became 0.5 after the floors were measured with 0.0)
+  "train.background_replace=0.0"
   "train.out_dir=$OUT/train"
   # evaluation, calibration (abstention), a reduced robustness sweep
   "evaluate.champion_metric=macro_f1" "evaluate.min_macro_f1=0.5" "evaluate.min_accuracy=0.5"

@@ -62,8 +62,9 @@ test-unit: $(STAMP)  ## the fast tests (no whole flows, servers, browsers)
 test-integration: $(STAMP)  ## the tests that run real processes (see docs/testing.md)
 	PATH="$(CURDIR)/.venv-tools/bin:$$PATH" $(PY) -m pytest -q -m integration
 
-lint: $(STAMP)
+lint: $(STAMP)  ## flake8 + the import layers (import-linter contracts in setup.cfg)
 	$(PY) -m flake8 plantml serving edge flows tests benchmarks k8s
+	$(VENV)/bin/lint-imports
 
 clean:  ## remove generated artefacts (keeps .venv)
 	rm -rf artifacts .metaflow mlruns mlartifacts mlflow.db data/demo reports

@@ -94,7 +94,8 @@ class PlantDiseaseFlow(FlowSpec):
         self.mlflow_parent_run_id = start_parent_run(
             self.params, {"metaflow_run_id": current.run_id, "metaflow_flow": current.flow_name},
             params.registry.tracking_uri, run_name=f"{current.flow_name}/{current.run_id}")
-        for part in cards.banner(not params.data.data_dir):  # no data folder: the generated DEMO set
+        # no data folder and no sources: prepare generates the DEMO set
+        for part in cards.banner(not (params.data.data_dir or params.data.sources)):
             current.card.append(part)
         current.card.append(cards.Markdown(f"# Parameters\n```\n{cards._pretty(self.params)}\n```"))
         self.next(self.prepare)

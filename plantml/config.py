@@ -268,7 +268,9 @@ class ModelParams:
 class DistributedParams:
     """Data-parallel (DDP) training of each branch."""
 
-    world_size: int = param(1, "processes per training branch (> 1: DDP)", ge=1)
+    world_size: int = param(1, "DDP processes per node (GPUs per node; > 1: DDP)", ge=1)
+    nodes: int = param(1, "Metaflow @parallel nodes per training branch (1: train in the train step; "
+                          "> 1: a gang of nodes x world_size DDP ranks)", ge=1)
     backend: str = param("auto", "auto: nccl on CUDA, gloo on CPU", choices=("auto", "gloo", "nccl"))
 
 

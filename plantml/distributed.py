@@ -40,7 +40,6 @@ RESULT_FILE = "distributed_result.json"
 #: Set by Metaflow's Kubernetes/Argo JobSets for ``@parallel`` steps (the control pod's port).
 MASTER_PORT_ENV = "MF_MASTER_PORT"
 #: Until ``train.distributed.nodes`` is a parameter (plantml.config), this variable sets it.
-NODES_ENV = "PLANTML_TRAIN_NODES"
 #: Ports :func:`rendezvous_port` derives from a key (above the usual ephemeral range's start).
 PORT_BASE, PORT_SPAN = 20000, 10000
 
@@ -59,15 +58,13 @@ class NodeGroup:
         return self.node_rank == 0
 
 
-def configured_nodes(params: Params, env: dict[str, str] | None = None) -> int:
+def configured_nodes(params: Params) -> int:
     """Nodes per training branch: ``train.distributed.nodes`` (1: the branch trains in one task).
 
     Raises:
         ValueError: below 1.
     """
-    nodes = getattr(params.train.distributed, "nodes", None)
-    if nodes is None:  # plantml.config has no such field yet: the interim environment variable
-        nodes = int((os.environ if env is None else env).get(NODES_ENV, "1"))
+    nodes = params.train.distributed.nodes
     if nodes < 1:
         raise ValueError(f"train.distributed.nodes must be >= 1, got {nodes}")
     return int(nodes)

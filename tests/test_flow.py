@@ -84,7 +84,8 @@ def test_flow_end_to_end_and_resume(tiny_dataset, tmp_path):
     assert all(all(ok) for name, ok in steps.items() if name in ("start", "prepare", "train", "evaluate")), steps
     assert steps.get("export") == [False] and "end" not in steps, steps
     # ... and resume re-ran only export and end: every earlier task is a clone of the first run's.
-    assert info["cloned"] == {"start": True, "prepare": True, "train": True, "evaluate": True,
+    assert info["cloned"] == {"start": True, "prepare": True, "branch": True, "train": True, "trained": True,
+                              "evaluate": True,
                               "export": False, "end": False}, info["cloned"]
     # The CNN and ViT branches overlap in time (they run in parallel).
     (s1, f1), (s2, f2) = info["train_windows"]

@@ -70,34 +70,23 @@ def _params_file(tmp_path: Path) -> Path:
     return path
 
 
-def _nodes_setting() -> tuple[list[str], dict[str, str]]:
-    """``train.distributed.nodes`` as an override once plantml.config has it; the interim variable before."""
-    from plantml.config import DistributedParams
-    from plantml.distributed import NODES_ENV
-
-    if hasattr(DistributedParams(), "nodes"):
-        return [f"train.distributed.nodes={NODES}"], {}
-    return [], {NODES_ENV: str(NODES)}
-
-
 def test_two_parallel_nodes_train_one_branch_and_node_zero_publishes(tiny_dataset, tmp_path):
     from plantml.config import load_params
     from plantml.distributed import images_per_epoch
     from plantml.shards import ShardIndex
     from plantml.training import train_model
 
-    nodes_override, nodes_env = _nodes_setting()
     overrides = [
         f"train.epochs={EPOCHS}", "train.patience=10", "train.image_size=32", f"train.batch_size={PER_NODE_BATCH}",
         "train.device=cpu", "train.num_threads=1", "train.loader_workers=0",
-        "train.distributed.world_size=1", "train.distributed.backend=gloo", *nodes_override,
+        "train.distributed.world_size=1", "train.distributed.backend=gloo", f"train.distributed.nodes={NODES}",
         "evaluate.min_macro_f1=0.0", "evaluate.min_accuracy=0.0", "robustness.max_images=12",
         "robustness.severities=[1]", "export.int8.enabled=false", "calibration.ood_enabled=false",
         f"data.prepared_dir={tmp_path / 'prepared'}", f"train.out_dir={tmp_path / 'train'}",
         f"evaluate.out_dir={tmp_path / 'eval'}", f"export.out_dir={tmp_path / 'bundles'}",
         "registry.model_name=paralleltest-model",
     ]
-    env = {**os.environ, **nodes_env, "METAFLOW_USER": "paralleltest", "PYTHONWARNINGS": "ignore",
+    env = {**os.environ, "METAFLOW_USER": "paralleltest", "PYTHONWARNINGS": "ignore",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            # Metaflow's local runtime starts the other nodes as `python`: this environment's.
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}

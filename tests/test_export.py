@@ -68,8 +68,8 @@ def test_failed_export_leaves_nothing(tmp_path):
 
         def forward(self, x):
             self.calls += 1
-            return self.lin(x.mean((2, 3))) + (0.0 if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-                                                else float(self.calls))
+            exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            return self.lin(x.mean((2, 3))) + (0.0 if exporting else float(self.calls))
 
     from plantml.export import ExportError
 

@@ -696,7 +696,8 @@ def export_champion(params: Params, report: Mapping[str, Any], train_result: Map
 
     from plantml.export import export_bundle
     from plantml.quantize import int8_export_step
-    from plantml.training import load_checkpoint, normalize_batch
+    from plantml.preprocess import normalize_batch
+    from plantml.training import load_checkpoint
 
     torch.set_num_threads(available_cores())
     model, _ = load_checkpoint(checkpoint)

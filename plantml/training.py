@@ -96,14 +96,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def normalize_batch(images: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """``uint8 [N,H,W,3]`` -> normalised ``float32 [N,3,H,W]`` (same maths as preprocess.normalize)."""
-    mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
-    x = images.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
-    return np.ascontiguousarray((x - mean) / std)
-
-
 def _param_groups(model: Any, lr: float, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on norms/biases; a pretrained patch embedding learns 4x slower."""
     slow_prefixes = tuple(getattr(model, "pretrained_prefixes", ()))

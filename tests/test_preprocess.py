@@ -17,7 +17,7 @@ def _png(img: Image.Image) -> bytes:
 
 def test_eval_transform_matches_training_time_tensor():
     """The training-time eval path (uint8 cache -> normalize_batch) equals preprocess_image."""
-    from plantml.training import normalize_batch
+    from plantml.preprocess import normalize_batch
 
     spec = InputSpec(size=48, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     img = make_leaf_image((30, 140, 40), size=80, seed=3)

@@ -790,7 +790,7 @@ def _reference_step(params: Params, model: Any, spec: InputSpec, index: sh.Shard
                     temperature: float, classes: Sequence[str]) -> Any:
     """The drift-reference export step over a stratified test subset, streamed."""
     from plantml.drift import reference_stats_step
-    from plantml.training import normalize_batch
+    from plantml.preprocess import normalize_batch
 
     keys = {r.key for r in _stratified_subset(rows_for(rows, "test"), params.export.max_reference_images,
                                               params.data.seed)}

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from plantml.calibration import expected_calibration_error
+from plantml.metrics import macro_f1
 from plantml.plots import pyplot, save_figure
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
         probs: class probabilities ``[N, C]`` (rows sum to 1).
         classes: names, index-aligned with the columns.
     """
-    from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support,
-                                 roc_auc_score)
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
     labels = list(range(len(classes)))
     y_pred = probs.argmax(1)
@@ -50,7 +50,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
     return {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": macro_f1(y_true, y_pred, labels=labels),
         "roc_auc_ovr_macro": float(np.mean(defined)) if defined else None,
         "per_class": [
             {"class": c, "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
@@ -141,7 +141,7 @@ def domain_metrics(labels: np.ndarray, probs: np.ndarray, domains: Sequence[str]
         ``accuracy_ci95`` is a Wilson interval. ``coverage`` is the answered share;
         ``accuracy_on_answered`` is NaN when nothing is answered.
     """
-    from sklearn.metrics import confusion_matrix, f1_score
+    from sklearn.metrics import confusion_matrix
 
     labels, probs, domains = np.asarray(labels), np.asarray(probs), np.asarray(list(domains), dtype=object)
     if not (len(labels) == len(probs) == len(domains)):
@@ -164,7 +164,7 @@ def domain_metrics(labels: np.ndarray, probs: np.ndarray, domains: Sequence[str]
             "n": n,
             "accuracy": correct / n,
             "accuracy_ci95": list(wilson_interval(correct, n)),
-            "macro_f1": float(f1_score(y, p, labels=present, average="macro", zero_division=0)),
+            "macro_f1": macro_f1(y, p, labels=present),
             "ece": expected_calibration_error(probs[m], y, n_bins),
             "coverage": n_acc / n,
             "n_answered": n_acc,

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from plantml import storage
 from plantml.config import ModelParams, TrainParams
 from plantml.models import create_model, freeze_stages, input_normalization, keep_frozen_in_eval
+from plantml.metrics import macro_f1
 from plantml.preprocess import InputSpec
 from plantml.resources import available_cores, resolve_threads  # noqa: F401 - re-exported for callers
 
@@ -119,12 +120,6 @@ def _warmup_cosine(total_steps: int, warmup_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def _macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(y_true, y_pred, labels=list(range(n_classes)), average="macro", zero_division=0))
 
 
 @dataclass(frozen=True)
@@ -276,7 +271,7 @@ def _validation_row(epoch: int, fit: dict[str, float], val_logits: np.ndarray, v
         "train_accuracy": fit["train_accuracy"],
         "val_loss": float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels))),
         "val_accuracy": float((pred == val_labels).mean()) if len(pred) else 0.0,
-        "val_macro_f1": _macro_f1(val_labels, pred, n_classes),
+        "val_macro_f1": macro_f1(val_labels, pred, labels=range(n_classes)),
         "lr": lr,
         "seconds": seconds,
         "images_per_second": fit["images"] / max(seconds, 1e-9),

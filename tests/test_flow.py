@@ -33,7 +33,8 @@ out = {
   "bundle_path": run.data.bundle_path,
   "registered": run.data.registered,
   "champion": run.data.champion,
-  "train_windows": [[t.created_at.timestamp(), t.finished_at.timestamp()] for t in train],
+  # the first run's tasks: in the resumed run they are clones, whose times are the cloning's
+  "train_windows": [[t.created_at.timestamp(), t.finished_at.timestamp()] for t in origin["train"].tasks()],
   "cards": {**{s: len(get_cards(list(origin[s].tasks())[0])) for s in ("prepare", "train", "evaluate")},
             "export": len(get_cards(list(run["export"].tasks())[0]))},
   "eval_card_html": get_cards(list(origin["evaluate"].tasks())[0])[0].get()[:2000000],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -194,3 +195,14 @@ def pytest_unconfigure(config):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_EXIT_STATUS[-1])
+
+
+# --------------------------------------------------------------------------- SIGCHLD
+# A DataLoader with worker processes installs a Python SIGCHLD handler in this process (torch's
+# worker-failure check) that then fires at every later child exit, including the many servers
+# and flows other tests start. The crash seen in CI was the kernel failing to deliver a signal
+# to the main thread (see setup.cfg, -p no:faulthandler); leaving SIGCHLD at its default action
+# after each test means no handler frame is built for child exits at all.
+def pytest_runtest_teardown(item, nextitem):
+    if signal.getsignal(signal.SIGCHLD) not in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)

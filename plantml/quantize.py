@@ -57,7 +57,7 @@ class QuantizationError(RuntimeError):
     """Quantization could not be run (bad calibration data, a runtime refused the model)."""
 
 
-# --------------------------------------------------------------------------- metrics
+# --------------------------------------------------------------------------- predictions
 
 
 def predict_labels(runner: Runner, images: np.ndarray, batch_size: int = 16) -> np.ndarray:

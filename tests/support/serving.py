@@ -104,12 +104,17 @@ def accepted_by(pids: list[int], client: socket.socket) -> int | None:
     return None
 
 
+def _status_mb(pid: int, field: str) -> float:
+    """A memory field of ``/proc/<pid>/status`` (reported in kB) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
 def peak_rss_mb(pid: int) -> float:
     """Peak resident memory of a process in MiB (VmHWM, the high-water mark since it started)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"no VmHWM for pid {pid}")
+    return _status_mb(pid, "VmHWM")
 
 
 class MemoryCgroup:
@@ -204,10 +209,7 @@ class MemoryCgroup:
 
 def rss_mb(pid: int) -> float:
     """Resident memory of a process in MiB (VmRSS)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    return _status_mb(pid, "VmRSS")
 
 
 class GunicornServer:

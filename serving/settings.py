@@ -83,24 +83,23 @@ def available_cores() -> int:
     return max(1, cores)
 
 
-def _int(name: str, raw: str, lo: int, hi: int) -> int:
+def _number(name: str, raw: str, convert: Callable[[str], Any], noun: str, lo: float, hi: float) -> Any:
+    """``raw`` converted and checked against ``[lo, hi]``; the error names the variable."""
     try:
-        value = int(raw.strip())
+        value = convert(raw.strip())
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+        raise SettingsError(f"{name}={raw!r} is not {noun}") from None
     if not lo <= value <= hi:
         raise SettingsError(f"{name}={value} is out of range [{lo}, {hi}]")
     return value
+
+
+def _int(name: str, raw: str, lo: int, hi: int) -> int:
+    return int(_number(name, raw, int, "an integer", lo, hi))
 
 
 def _float(name: str, raw: str, lo: float, hi: float) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if not lo <= value <= hi:
-        raise SettingsError(f"{name}={value} is out of range [{lo}, {hi}]")
-    return value
+    return float(_number(name, raw, float, "a number", lo, hi))
 
 
 def _bool(name: str, raw: str) -> bool:

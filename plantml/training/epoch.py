@@ -1,0 +1,138 @@
+"""One epoch's work: the training pass, the validation pass and the epoch's metrics row."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from plantml.config import TrainParams
+from plantml.metrics import macro_f1
+from plantml.models import keep_frozen_in_eval
+from plantml.preprocess import InputSpec
+from plantml.training.records import DistributedContext
+
+
+def train_one_epoch(model: Any, loader: Any, steps: int, optimizer: Any, scheduler: Any, spec: InputSpec,
+                    train_params: TrainParams, device: str, progress_desc: str | None = None) -> dict[str, float]:
+    """One pass of at most ``steps`` optimiser steps over a streaming loader.
+
+    Args:
+        model: the model (DDP-wrapped or not); frozen stages stay in eval mode.
+        loader: this rank's training batches ``(images, labels)``.
+        steps: the most optimiser steps to take (every rank takes the same number).
+        optimizer: the optimiser.
+        scheduler: the per-step learning-rate scheduler.
+        spec: the model input (size, mean, std).
+        train_params: label smoothing.
+        device: this process's device (``cuda`` turns on bf16 autocast).
+        progress_desc: the progress bar's label; ``None`` hides the bar.
+
+    Returns:
+        ``{"train_loss", "train_accuracy", "images"}`` for this process's share.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    # plantml.loader imports torch at module level; importing it here keeps `import plantml.training` torch-free.
+    from plantml.loader import to_model_input
+
+    model.train()
+    keep_frozen_in_eval(model)
+    loss_sum, correct, seen, taken = 0.0, 0, 0, 0
+    bar = tqdm(total=steps, desc=progress_desc, unit="batch", disable=progress_desc is None, mininterval=5,
+               leave=False)
+    for images, labels in loader:
+        if taken >= steps:
+            break
+        if len(labels) < 2:  # BatchNorm cannot train on a batch of one
+            continue
+        x = to_model_input(images, spec, device)
+        y = labels.to(device, non_blocking=True)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=train_params.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        scheduler.step()
+        loss_sum += float(loss.detach()) * len(labels)
+        correct += int((logits.detach().argmax(1) == y).sum())
+        seen += len(labels)
+        taken += 1
+        bar.update(1)
+    bar.close()
+    return {"train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen), "images": seen}
+
+
+def validate(model: Any, index: Any, spec: InputSpec, device: str, batch_size: int,
+             dist: DistributedContext = DistributedContext(), workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Validation logits and labels, streamed; data-parallel ranks each score a share and gather.
+
+    Args:
+        model: the model (DDP-wrapped or not).
+        index: the prepared shard set.
+        spec: the model input (size, mean, std).
+        device: this process's device.
+        batch_size: validation batch size.
+        dist: this process's data-parallel rank.
+        workers: loader worker processes.
+
+    Returns:
+        ``(logits float32 [N, C], labels int64 [N])`` over the whole validation split.
+    """
+    import torch
+
+    # plantml.loader imports torch at module level; importing it here keeps `import plantml.training` torch-free.
+    from plantml.loader import make_loader, to_model_input
+
+    model.eval()
+    logits, labels = [], []
+    with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+        for images, y in make_loader(index, "val", batch_size, workers=workers, rank=dist.rank, world=dist.world,
+                                     pin_memory=device == "cuda"):
+            logits.append(model(to_model_input(images, spec, device)).float().cpu().numpy())
+            labels.append(y.numpy())
+    n_classes = len(index.classes)
+    lg = np.concatenate(logits) if logits else np.zeros((0, n_classes), np.float32)
+    lb = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        parts: list[Any] = [None] * dist.world
+        tdist.all_gather_object(parts, (lg, lb))
+        lg = np.concatenate([p[0] for p in parts])
+        lb = np.concatenate([p[1] for p in parts])
+    return lg, lb
+
+
+def validation_row(epoch: int, fit: dict[str, float], val_logits: np.ndarray, val_labels: np.ndarray,
+                   n_classes: int, lr: float, seconds: float) -> dict[str, float]:
+    """The epoch's metrics row (what the history, the log, MLflow and the cards show).
+
+    Args:
+        epoch: the finished epoch.
+        fit: :func:`train_one_epoch`'s figures.
+        val_logits: :func:`validate`'s logits.
+        val_labels: :func:`validate`'s labels.
+        n_classes: number of classes (macro-F1 averages over all of them).
+        lr: the first parameter group's learning rate at the epoch's end.
+        seconds: the epoch's wall time (training and validation).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    pred = val_logits.argmax(1)
+    return {
+        "epoch": epoch,
+        "train_loss": fit["train_loss"],
+        "train_accuracy": fit["train_accuracy"],
+        "val_loss": float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels))),
+        "val_accuracy": float((pred == val_labels).mean()) if len(pred) else 0.0,
+        "val_macro_f1": macro_f1(val_labels, pred, labels=range(n_classes)),
+        "lr": lr,
+        "seconds": seconds,
+        "images_per_second": fit["images"] / max(seconds, 1e-9),
+    }

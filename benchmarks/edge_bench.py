@@ -33,17 +33,14 @@ import json
 import logging
 import os
 import platform
-import re
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from tqdm import tqdm
 
+# Run as a script (python benchmarks/edge_bench.py), so the repository root is put on the path first.
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -52,6 +49,8 @@ from plantml.bundle import Bundle, load_bundle  # noqa: E402
 from plantml.preprocess import IMAGE_EXTENSIONS, load_image, preprocess_batch  # noqa: E402
 from plantml.quantize import macro_f1  # noqa: E402
 from plantml.timing import latency_stats  # noqa: E402
+
+from benchmarks.edge_cold_start import cold_start, process_rows  # noqa: E402,F401 - cold_start: the old name
 
 log = logging.getLogger("edge_bench")
 
@@ -139,33 +138,16 @@ def s8s8_variant(bundle: Bundle, manifest: Path, data_dir: Path, out: Path, n: i
     return quantize_onnx(bundle.root / "model.onnx", out, calib, signed_activations=True)
 
 
-# --------------------------------------------------------------------------- cold start / RSS
-
-
-def cold_start(cmd: list[str], repeats: int) -> dict[str, Any]:
-    """Median wall time and peak RSS of a fresh ``plantml-edge predict`` process."""
-    walls, rss = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, timeout=300)
-        walls.append(time.perf_counter() - t0)
-        if proc.returncode != 0:
-            return {"error": proc.stderr.strip().splitlines()[-1:] or proc.returncode}
-        m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-        rss.append(int(m.group(1)) / 1024 if m else float("nan"))
-    return {"cold_start_s": statistics.median(walls), "peak_rss_mb": statistics.median(rss),
-            "cold_start_s_all": walls, "peak_rss_mb_all": rss, "repeats": repeats}
-
-
 # --------------------------------------------------------------------------- main
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from edge.runtime import EdgeModel, runtime_installed
+MEASURED_MODELS = [("onnxruntime", "fp32", True), ("onnxruntime", "int8", True),
+                   ("openvino", "fp32", True), ("openvino", "fp32", False),
+                   ("openvino", "int8", True), ("openvino", "int8", False)]
 
-    bundle = load_bundle(args.bundle)
-    arch = args.arch or bundle.metadata["architecture"]
-    size = bundle.input_spec.size
+
+def evaluation_set(bundle: Bundle, args: argparse.Namespace) -> tuple[list[tuple[Path, int]], np.ndarray, np.ndarray]:
+    """The labelled images (capped by ``--max-images``), their model inputs and their labels."""
     items = labelled_images(bundle, args.data_dir, args.manifest)
     if args.max_images:
         items = items[:args.max_images]
@@ -174,22 +156,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     images = [load_image(p) for p, _ in tqdm(items, desc="load images", unit="img")]
     x = preprocess_batch(images, bundle.input_spec)
     y = np.array([label for _, label in items])
-    one = x[:1]
-    log.info("%d labelled images, input %dx%d, %d thread(s)", len(x), size, size, args.threads)
+    return items, x, y
+
+
+def torch_row(bundle: Bundle, arch: str, args: argparse.Namespace, one: np.ndarray) -> dict[str, Any]:
+    """Torch eager latency; its accuracy is ONNX FP32's up to the export parity check."""
+    fn = torch_eager(bundle, arch, args.threads)
+    parity = bundle.metadata.get("parity", {}).get("max_abs_diff", {}).get("onnxruntime_fp32", {}).get("max")
+    return {"name": "torch eager", "runtime": "torch", "precision": "fp32", "hint": None,
+            **latency_stats(fn, one, args.runs, args.warmup),
+            "size_bytes": model_bytes(bundle, "onnxruntime", "fp32"),
+            "accuracy": None, "macro_f1": None,
+            "note": f"accuracy = ONNX Runtime FP32 (export parity max abs logit diff {parity})"}
+
+
+def runtime_rows(bundle: Bundle, args: argparse.Namespace, x: np.ndarray, y: np.ndarray) -> list[dict[str, Any]]:
+    """One row per bundle model (and OpenVINO hint), run through the product's ``EdgeModel``."""
+    from edge.runtime import EdgeModel, runtime_installed
 
     rows: list[dict[str, Any]] = []
-    if not args.skip_torch:
-        fn = torch_eager(bundle, arch, args.threads)
-        parity = bundle.metadata.get("parity", {}).get("max_abs_diff", {}).get("onnxruntime_fp32", {}).get("max")
-        rows.append({"name": "torch eager", "runtime": "torch", "precision": "fp32", "hint": None,
-                     **latency_stats(fn, one, args.runs, args.warmup),
-                     "size_bytes": model_bytes(bundle, "onnxruntime", "fp32"),
-                     "accuracy": None, "macro_f1": None,
-                     "note": f"accuracy = ONNX Runtime FP32 (export parity max abs logit diff {parity})"})
-    combos = [("onnxruntime", "fp32", True), ("onnxruntime", "int8", True),
-              ("openvino", "fp32", True), ("openvino", "fp32", False),
-              ("openvino", "int8", True), ("openvino", "int8", False)]
-    for runtime, precision, f32 in combos:
+    for runtime, precision, f32 in MEASURED_MODELS:
         hint = ("f32" if f32 else "default") if runtime == "openvino" else None
         name = f"{runtime} {precision}" + (f" ({hint} hint)" if hint else "")
         if (runtime, precision) not in bundle.available() or not runtime_installed(runtime):
@@ -199,25 +185,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         model = EdgeModel(bundle.root, runtime=runtime, precision=precision, threads=args.threads, openvino_f32=f32)
         row = {"name": name, "runtime": runtime, "precision": precision, "hint": hint,
-               **latency_stats(model.logits, one, args.runs, args.warmup),
+               **latency_stats(model.logits, x[:1], args.runs, args.warmup),
                "size_bytes": model_bytes(bundle, runtime, precision),
                **accuracy(model.logits, x, y)}
         rows.append(row)
         log.info("%s: median %.2f ms, acc %.4f", name, row["median_ms"], row["accuracy"])
+    return rows
 
-    if args.compare_s8s8 and args.manifest is not None and (bundle.root / "model.onnx").is_file():
-        import tempfile
 
-        from plantml.runtime import onnxruntime_runner
+def s8s8_row(bundle: Bundle, args: argparse.Namespace, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """The S8S8 comparison model, rebuilt in a temporary folder and measured like the others."""
+    import tempfile
 
-        with tempfile.TemporaryDirectory(prefix="s8s8-") as tmp:
-            path = s8s8_variant(bundle, args.manifest, args.data_dir, Path(tmp) / "model.s8s8.onnx")
-            fn = onnxruntime_runner(path, threads=args.threads)
-            rows.append({"name": "onnxruntime int8 S8S8 (rebuilt by this benchmark, not the bundle file)",
-                         "runtime": "onnxruntime", "precision": "int8", "hint": None, "not_in_bundle": True,
-                         **latency_stats(fn, one, args.runs, args.warmup),
-                         "size_bytes": path.stat().st_size, **accuracy(fn, x, y)})
+    from plantml.runtime import onnxruntime_runner
 
+    with tempfile.TemporaryDirectory(prefix="s8s8-") as tmp:
+        path = s8s8_variant(bundle, args.manifest, args.data_dir, Path(tmp) / "model.s8s8.onnx")
+        fn = onnxruntime_runner(path, threads=args.threads)
+        return {"name": "onnxruntime int8 S8S8 (rebuilt by this benchmark, not the bundle file)",
+                "runtime": "onnxruntime", "precision": "int8", "hint": None, "not_in_bundle": True,
+                **latency_stats(fn, x[:1], args.runs, args.warmup),
+                "size_bytes": path.stat().st_size, **accuracy(fn, x, y)}
+
+
+def add_ratios(rows: list[dict[str, Any]], bundle: Bundle) -> float | None:
+    """Add speed-up, size ratio and INT8 accuracy drop to each measured row; returns torch's median ms."""
     torch_ms = next((r["median_ms"] for r in rows if r["runtime"] == "torch"), None)
     fp32_acc = {r["runtime"]: r["accuracy"] for r in rows if r["precision"] == "fp32" and r.get("hint") in (None, "f32")
                 and r["runtime"] != "torch" and "accuracy" in r}
@@ -229,39 +221,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r["size_vs_onnx_fp32"] = r["size_bytes"] / fp32_size
         if r["precision"] == "int8" and r.get("accuracy") is not None:
             r["accuracy_drop_pt"] = (fp32_acc[r["runtime"]] - r["accuracy"]) * 100
+    return torch_ms
 
+
+def int8_goals(rows: list[dict[str, Any]], torch_ms: float | None) -> dict[str, Any] | None:
+    """The fastest bundle INT8 model against the goals (8x torch, drop <= 1 pt, 1/3 of the size)."""
     int8 = [r for r in rows if r["precision"] == "int8" and not r.get("missing") and not r.get("not_in_bundle")]
     best = min(int8, key=lambda r: r["median_ms"]) if int8 else None
-    goals = None
-    if best is not None and torch_ms:
-        goals = {
-            "best_int8": best["name"],
-            "speedup_vs_torch": best["speedup_vs_torch"], "speedup_goal": 8.0,
-            "accuracy_drop_pt": best.get("accuracy_drop_pt"), "accuracy_drop_goal_pt": 1.0,
-            "size_ratio": best["size_vs_onnx_fp32"], "size_ratio_goal": 1 / 3,
-        }
-        goals["met"] = bool(best["speedup_vs_torch"] >= 8.0 and best["accuracy_drop_pt"] <= 1.0
-                            and best["size_vs_onnx_fp32"] <= 1 / 3)
+    if best is None or not torch_ms:
+        return None
+    goals = {
+        "best_int8": best["name"],
+        "speedup_vs_torch": best["speedup_vs_torch"], "speedup_goal": 8.0,
+        "accuracy_drop_pt": best.get("accuracy_drop_pt"), "accuracy_drop_goal_pt": 1.0,
+        "size_ratio": best["size_vs_onnx_fp32"], "size_ratio_goal": 1 / 3,
+    }
+    goals["met"] = bool(best["speedup_vs_torch"] >= 8.0 and best["accuracy_drop_pt"] <= 1.0
+                        and best["size_vs_onnx_fp32"] <= 1 / 3)
+    return goals
 
-    image = items[0][0]
-    process: list[dict[str, Any]] = []
-    if not args.skip_process:
-        entries = [("python -m edge", [sys.executable, "-m", "edge"])]
-        for binary in args.binary:
-            entries.append((f"binary {Path(binary).name}", [str(Path(binary).resolve())]))
-        for label, prefix in entries:
-            for runtime, precision in [("onnxruntime", "int8"), ("onnxruntime", "fp32"),
-                                       ("openvino", "int8"), ("openvino", "fp32")]:
-                if (runtime, precision) not in bundle.available():
-                    continue
-                if runtime == "openvino" and "-ort" in label:
-                    continue  # the ONNX-Runtime-only binary
-                cmd = [*prefix, "predict", "--bundle", str(bundle.root), "--runtime", runtime,
-                       "--precision", precision, "--threads", str(args.threads), str(image)]
-                res = cold_start(cmd, args.cold_repeats)
-                process.append({"entry": label, "runtime": runtime, "precision": precision, **res})
-                log.info("%s %s %s: %s", label, runtime, precision,
-                         {k: res.get(k) for k in ("cold_start_s", "peak_rss_mb")})
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement of the benchmark, as the JSON report."""
+    bundle = load_bundle(args.bundle)
+    arch = args.arch or bundle.metadata["architecture"]
+    size = bundle.input_spec.size
+    items, x, y = evaluation_set(bundle, args)
+    log.info("%d labelled images, input %dx%d, %d thread(s)", len(x), size, size, args.threads)
+
+    rows = [] if args.skip_torch else [torch_row(bundle, arch, args, x[:1])]
+    rows += runtime_rows(bundle, args, x, y)
+    if args.compare_s8s8 and args.manifest is not None and (bundle.root / "model.onnx").is_file():
+        rows.append(s8s8_row(bundle, args, x, y))
+    goals = int8_goals(rows, add_ratios(rows, bundle))
+    process = [] if args.skip_process else process_rows(bundle, args, items[0][0])
 
     return {
         "bundle": {"path": str(bundle.root), "name": bundle.name, "version": bundle.version, "architecture": arch,

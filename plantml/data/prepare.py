@@ -1,19 +1,9 @@
-"""``prepare``: scan the sources, split, and summarise what was found.
+"""``prepare``: scan every source, check the classes, split, and summarise what was found.
 
-A run may read several *sources*, one per **domain** (the kind of photo: ``lab`` for
-PlantVillage's plain-backdrop photos, ``field`` for orchard photos, ...): ``data.sources``
-in params.yaml, or ``--data-dir lab=PATH,field=PATH``
-(:func:`~plantml.data.sources.parse_data_dir`; a plain path
-is one source of domain ``lab``). The class list is the union of the sources' classes.
-
-The manifest lists every readable image with its domain, class, split and sha256. Exact
-duplicates (same sha256) are grouped so that they always land in the same split, even
-across sources. Unreadable or non-image files are reported and skipped, and counted;
-they never stop a run. The split is stratified per (domain, class) and deterministic for
-the seed; a source may have split fractions of its own (e.g. to hold out more field
-photos for a tighter interval on field accuracy).
-
-Torch-free (albumentations and numpy only).
+:func:`prepare_dataset` is the whole data step short of writing: the sources are
+scanned in turn (:mod:`~plantml.data.scanning`), their class lists joined, the items
+split (:mod:`~plantml.data.splitting`) and a :class:`DatasetSummary` built, per domain
+too. Writing the manifest and the shards is :mod:`~plantml.data.writing`'s job.
 """
 
 from __future__ import annotations

@@ -26,8 +26,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -39,7 +37,8 @@ from PIL import Image, ImageEnhance
 from plantml.bundle import load_bundle
 from plantml.preprocess import IMAGE_EXTENSIONS, load_image, preprocess_batch, softmax
 from plantml.robustness import non_leaf_images, non_leaf_photos
-from tests.conftest import REPO_ROOT, SHARED_SAMPLE, TINY_CLASSES, make_leaf_image
+from tests.conftest import TINY_CLASSES, make_leaf_image
+from tests.support.real_sample import bundle_splits, missing, real_sample_bundle
 
 
 def bundle_predictor(bundle_dir: str | Path, temperature: bool = True) -> tuple[Callable, list[str], float]:
@@ -103,9 +102,6 @@ def test_meaningful_change_changes_prediction(tiny):
 
 # --------------------------------------------------------------------------- real sample (integration)
 
-#: Where ``make real-sample-bundle`` (scripts/real_sample_bundle.sh) writes its bundle.
-REAL_SAMPLE_BUNDLE = REPO_ROOT / "artifacts" / "real-sample" / "bundle"
-
 # Floors for the bundle of `make real-sample-bundle` (EfficientNet-Lite0, 128 px, <= 3 epochs,
 # frozen_blocks 3, seed 42; the pinned settings are in scripts/real_sample_bundle.sh).
 # Measured 2026-11-29 on a 2-core AMD EPYC (AVX2, no AVX-512) with:
@@ -137,53 +133,14 @@ def floor(name: str) -> float:
     return float(os.environ.get(f"PLANTML_{name}_FLOOR", FLOORS[name]))
 
 
-def _missing(reason: str):
-    """Skip, or fail where CI requires the real-sample check (``PLANTML_REQUIRE_REAL_SAMPLE=1``)."""
-    if os.environ.get("PLANTML_REQUIRE_REAL_SAMPLE", "") not in ("", "0"):
-        pytest.fail(f"PLANTML_REQUIRE_REAL_SAMPLE is set but {reason}")
-    pytest.skip(reason)
-
-
-def _real_sample_bundle() -> tuple[Path, Path]:
-    """The sample and the bundle for the integration checks, or skip (fail in CI) saying what is missing."""
-    sample = Path(os.environ.get("PLANTML_REAL_SAMPLE") or SHARED_SAMPLE)
-    if not sample.is_dir():
-        _missing(f"real sample not found at {sample} (set PLANTML_REAL_SAMPLE)")
-    env = os.environ.get("PLANTML_EVAL_BUNDLE")
-    bundle = Path(env) if env else REAL_SAMPLE_BUNDLE
-    if not (bundle / "metadata.json").is_file():
-        _missing(f"no trained bundle at {bundle}: run `make real-sample-bundle` "
-                 "(or set PLANTML_EVAL_BUNDLE to a bundle directory)")
-    return sample, bundle
-
-
-def _splits(bundle_dir: Path) -> dict[str, str]:
-    """``{relative path: split}`` from the manifest the bundle was trained on ({} if not found)."""
-    meta = json.loads((bundle_dir / "metadata.json").read_text())
-    manifest = os.environ.get("PLANTML_EVAL_MANIFEST")
-    if not manifest:
-        prepared = Path(meta.get("params", {}).get("data", {}).get("prepared_dir") or "")
-        folder = prepared if prepared.is_absolute() else REPO_ROOT / prepared
-        summary = folder / "summary.json"
-        if not summary.is_file():
-            return {}
-        digest = json.loads(summary.read_text()).get("manifest_sha256")
-        # The prepared folder may have been overwritten since: use it only if it is the bundle's own.
-        if not digest or digest != meta.get("lineage", {}).get("data_manifest_sha256"):
-            return {}
-        manifest = folder / "manifest.csv"
-    with open(manifest, newline="") as f:
-        return {row["path"]: row["split"] for row in csv.DictReader(f)}
-
-
 @pytest.fixture(scope="module")
 def real_predictions():
-    sample, bundle_dir = _real_sample_bundle()
+    sample, bundle_dir = real_sample_bundle()
     predict = abstaining_predictor(bundle_dir)
     bundle = load_bundle(bundle_dir)
     classes = bundle.classes
     index = {name: i for i, name in enumerate(classes)}
-    splits = _splits(bundle_dir)
+    splits = bundle_splits(bundle_dir)
     images, labels, held_out = [], [], []
     for folder in sorted(p for p in sample.iterdir() if p.is_dir()):
         if folder.name not in index:
@@ -194,9 +151,9 @@ def real_predictions():
                 labels.append(index[folder.name])
                 held_out.append(splits.get(f"{folder.name}/{f.name}") == "test")
     if not images:
-        _missing(f"none of the bundle's classes ({', '.join(classes[:3])}, ...) is a folder of {sample}")
+        missing(f"none of the bundle's classes ({', '.join(classes[:3])}, ...) is a folder of {sample}")
     if splits and not any(held_out):
-        _missing(f"the manifest of {bundle_dir} names no test image of {sample}")
+        missing(f"the manifest of {bundle_dir} names no test image of {sample}")
     preds, abstained = predict(images)
     held_out = np.array(held_out) if splits else np.ones(len(images), dtype=bool)
     return {"preds": preds, "abstained": abstained, "labels": np.array(labels), "held_out": held_out,

@@ -50,7 +50,7 @@ from plantml.preprocess import IMAGE_EXTENSIONS, load_image, preprocess_batch  #
 from plantml.quantize import macro_f1  # noqa: E402
 from plantml.timing import latency_stats  # noqa: E402
 
-from benchmarks.edge_cold_start import cold_start, process_rows  # noqa: E402,F401 - cold_start: the old name
+from benchmarks.edge_cold_start import process_rows  # noqa: E402
 
 log = logging.getLogger("edge_bench")
 

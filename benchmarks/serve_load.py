@@ -29,29 +29,29 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import platform
-import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+# Run as a script (python benchmarks/serve_load.py), so the repository root is put on the path first.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.load_generators import run_closed_loop, run_open_loop, run_wrk  # noqa: E402
+from benchmarks.serve_harness import Server, baseline_server, memory_mb, our_server  # noqa: E402
+
 log = logging.getLogger("serve_load")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "plantvillage-mini"
-GUNICORN_CONF = REPO_ROOT / "serving" / "gunicorn.conf.py"
 DEFAULT_CONFIGS = "onnxruntime:fp32,openvino:fp32,onnxruntime:int8,openvino:int8,torch:baseline,torch:baseline1"
 
 
@@ -116,235 +116,6 @@ def export_bench_bundle(out_root: Path, images: list[Path], int8: bool) -> tuple
     weights = out_root / "model_state.pt"
     torch.save(model.state_dict(), weights)
     return bundle, weights
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def children_of(pid: int) -> list[int]:
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                kids.append(int(entry.name))
-    return sorted(kids)
-
-
-def memory_mb(pid: int) -> dict[str, float]:
-    """VmRSS and PSS (proportional set size: shared pages split between sharers) in MiB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            out["rss_mb"] = int(line.split()[1]) / 1024
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                out["pss_mb"] = int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return out
-
-
-class Server:
-    """One server under test: ours (runtime/precision) or the torch baseline."""
-
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], port: int, workers: int, log_path: Path,
-                 loaded_marker: str | None) -> None:
-        self.name, self.cmd, self.env, self.port, self.workers = name, cmd, env, port, workers
-        self.log_path, self.loaded_marker = log_path, loaded_marker
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, ready_path: str, timeout: float = 180) -> dict[str, float]:
-        import requests
-
-        self._log = open(self.log_path, "wb")
-        t0 = time.monotonic()
-        self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=str(REPO_ROOT), stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        first_ready = all_loaded = None
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.log_path.read_text()[-3000:]}")
-            if first_ready is None:
-                try:
-                    if requests.get(f"http://127.0.0.1:{self.port}{ready_path}", timeout=5).status_code == 200:
-                        first_ready = time.monotonic() - t0
-                except requests.RequestException:
-                    pass
-            if all_loaded is None and self.loaded_marker:
-                if self.log_path.read_text(errors="replace").count(self.loaded_marker) >= self.workers:
-                    all_loaded = time.monotonic() - t0
-            if first_ready is not None and (all_loaded is not None or not self.loaded_marker):
-                break
-            time.sleep(0.02)
-        if first_ready is None:
-            raise RuntimeError(f"{self.name} not ready after {timeout}s: {self.log_path.read_text()[-3000:]}")
-        return {"start_to_ready_s": first_ready, "start_to_all_workers_loaded_s": all_loaded}
-
-    def worker_memory(self) -> list[dict[str, float]]:
-        return [memory_mb(pid) for pid in children_of(self.proc.pid)]
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
-
-
-def our_server(runtime: str, precision: str, bundle: Path, workers: int, tmp: Path) -> Server:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PLANTML_", "PROMETHEUS_"))}
-    env.update({
-        "PYTHONPATH": str(REPO_ROOT), "PLANTML_BUNDLE": str(bundle), "PLANTML_RUNTIME": runtime,
-        "PLANTML_PRECISION": precision, "PLANTML_HOST": "127.0.0.1", "PLANTML_PORT": str(port),
-        "PLANTML_WORKERS": str(workers), "PLANTML_ACCESS_LOG": "false", "PLANTML_LOG_LEVEL": "info",
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp / f"prom-{runtime}-{precision}"),
-    })
-    cmd = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "serving.wsgi:app"]
-    return Server(f"{runtime}:{precision}", cmd, env, port, workers, tmp / f"server-{runtime}-{precision}.log",
-                  loaded_marker="serving.predictor: model ")
-
-
-def baseline_server(weights: Path, workers: int, tmp: Path, torch_threads: int | None = None,
-                    arch: str = "efficientnet_lite0", n_classes: int = 18, size: int = 224) -> Server:
-    """The torch baseline: torch's default threads, or ``torch_threads`` per worker (``torch:baseline1``).
-
-    ``arch``, ``n_classes`` and ``size`` come from the served bundle, so both serve the same model.
-    """
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), BASELINE_WEIGHTS=str(weights),
-               BASELINE_ARCH=arch, BASELINE_CLASSES=str(n_classes), BASELINE_SIZE=str(size))
-    env.pop("BASELINE_TORCH_THREADS", None)
-    if torch_threads:
-        env["BASELINE_TORCH_THREADS"] = str(torch_threads)
-    cmd = [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}", "--timeout", "120",
-           "--no-control-socket", "benchmarks.flask_torch_baseline:create_app()"]
-    name = f"torch:baseline{torch_threads or ''}"
-    return Server(name, cmd, env, port, workers, tmp / f"server-{name.replace(':', '-')}.log", loaded_marker=None)
-
-
-# --------------------------------------------------------------------------- load generators
-
-WRK_SCRIPT = r"""
-local paths = {%s}
-local bodies = {}
-local i = 0
-init = function(args)
-  for _, p in ipairs(paths) do
-    local f = assert(io.open(p, "rb")); bodies[#bodies + 1] = f:read("*a"); f:close()
-  end
-end
-request = function()
-  i = i %% #bodies + 1
-  return wrk.format("POST", "/predict", {["Content-Type"] = "image/jpeg"}, bodies[i])
-end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "WRKJSON {\"requests\": %%d, \"duration_us\": %%d, \"errors_connect\": %%d, \"errors_read\": %%d, " ..
-    "\"errors_write\": %%d, \"errors_status\": %%d, \"errors_timeout\": %%d, \"p50_ms\": %%.3f, \"p95_ms\": %%.3f, " ..
-    "\"p99_ms\": %%.3f, \"max_ms\": %%.3f}\n",
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50) / 1000, latency:percentile(95) / 1000, latency:percentile(99) / 1000,
-    latency.max / 1000))
-end
-"""
-
-
-def run_wrk(port: int, images: list[Path], duration: int, connections: int, tmp: Path) -> dict[str, Any]:
-    """Closed-loop peak throughput with wrk (1 thread)."""
-    script = tmp / "bench.lua"
-    script.write_text(WRK_SCRIPT % ", ".join(json.dumps(str(p)) for p in images))
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "-s", str(script),
-           f"http://127.0.0.1:{port}/predict"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
-    m = re.search(r"WRKJSON (\{.*\})", proc.stdout)
-    if proc.returncode != 0 or not m:
-        raise RuntimeError(f"wrk failed: {proc.stdout}\n{proc.stderr}")
-    r = json.loads(m.group(1))
-    r["throughput_rps"] = r["requests"] / (r["duration_us"] / 1e6)
-    r["errors"] = sum(r[k] for k in r if k.startswith("errors_"))
-    r["tool"] = f"wrk -t1 -c{connections} -d{duration}s"
-    return r
-
-
-async def _load(port: int, bodies: list[bytes], *, rate: float | None, duration: float, max_requests: int,
-                concurrency: int) -> dict[str, Any]:
-    import aiohttp
-
-    url = f"http://127.0.0.1:{port}/predict"
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    sem = asyncio.Semaphore(concurrency)
-    timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-
-        async def one(i: int, scheduled: float) -> None:
-            async with sem:
-                try:
-                    async with session.post(url, data=bodies[i % len(bodies)],
-                                            headers={"Content-Type": "image/jpeg"}) as resp:
-                        await resp.read()
-                        if resp.status != 200:
-                            errors[f"status_{resp.status}"] = errors.get(f"status_{resp.status}", 0) + 1
-                            return
-                except Exception as exc:  # noqa: BLE001 - counted, reported
-                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                    return
-            latencies.append(time.perf_counter() - scheduled)
-
-        start = time.perf_counter()
-        tasks = []
-        i = 0
-        if rate is not None:  # open loop: request i is due at start + i / rate
-            while i < max_requests and (due := start + i / rate) < start + duration:
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one(i, due)))
-                i += 1
-            await asyncio.gather(*tasks)
-        else:  # closed loop: `concurrency` clients back to back
-            async def client(k: int) -> None:
-                n = k
-                while time.perf_counter() - start < duration and n < max_requests:
-                    await one(n, time.perf_counter())
-                    n += concurrency
-            await asyncio.gather(*(client(k) for k in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    lat_ms = np.array(latencies) * 1000.0
-    pct = (lambda q: float(np.percentile(lat_ms, q))) if len(lat_ms) else (lambda q: float("nan"))
-    return {
-        "offered_rps": rate, "sent": i if rate is not None else len(latencies) + sum(errors.values()),
-        "completed": len(latencies), "errors": sum(errors.values()), "error_kinds": errors,
-        "achieved_rps": len(latencies) / elapsed, "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
-        "max_ms": float(lat_ms.max()) if len(lat_ms) else float("nan"),
-        "tool": "python asyncio+aiohttp " + ("open loop (constant arrival rate)" if rate else "closed loop"),
-    }
-
-
-def run_open_loop(port: int, bodies: list[bytes], rate: float, duration: float, max_requests: int) -> dict[str, Any]:
-    return asyncio.run(_load(port, bodies, rate=rate, duration=duration, max_requests=max_requests, concurrency=64))
-
-
-def run_closed_loop(port: int, bodies: list[bytes], duration: float, connections: int) -> dict[str, Any]:
-    r = asyncio.run(_load(port, bodies, rate=None, duration=duration, max_requests=10**6, concurrency=connections))
-    r["throughput_rps"] = r["achieved_rps"]
-    return r
 
 
 # --------------------------------------------------------------------------- main
@@ -426,7 +197,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The command line (see the module docstring); the parser too, for its ``error``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, help="bundle to serve (else --export-to makes one)")
     p.add_argument("--weights", type=Path, help="torch state dict of the same model, for the baseline")
@@ -442,7 +214,52 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-fraction", type=float, default=0.8, help="share of peak offered in the latency phase")
     p.add_argument("--no-wrk", action="store_true", help="use the Python generator for the peak phase too")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
-    args = p.parse_args(argv)
+    return p, p.parse_args(argv)
+
+
+def server_for(config: str, bundle: Path, weights: Path | None, loaded: Any, available: set[tuple[str, str]],
+               args: argparse.Namespace, tmp: Path) -> tuple[Server, str] | str:
+    """The server of one ``runtime:precision`` config and its readiness path, or why it cannot run."""
+    runtime, precision = config.split(":")
+    if runtime == "torch":
+        if weights is None:
+            return "no --weights for the baseline"
+        threads = 1 if precision == "baseline1" else None
+        server = baseline_server(weights, args.workers, tmp, torch_threads=threads,
+                                 arch=loaded.metadata["architecture"], n_classes=len(loaded.classes),
+                                 size=loaded.input_spec.size)
+        return server, "/health"
+    if (runtime, precision) not in available:
+        log.warning("skipping %s: not in the bundle", config)
+        return f"bundle has no {runtime} {precision} model"
+    return our_server(runtime, precision, bundle, args.workers, tmp), "/ready"
+
+
+def bench_all(bundle: Path, weights: Path | None, images: list[Path], bodies: list[bytes],
+              args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    """Every config of ``--configs`` in turn; a config that fails is reported, not fatal."""
+    from plantml.bundle import load_bundle
+
+    loaded = load_bundle(bundle)
+    available = set(loaded.available())
+    results = []
+    for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
+        chosen = server_for(config, bundle, weights, loaded, available, args, tmp)
+        if isinstance(chosen, str):
+            results.append({"config": config, "error": chosen})
+            continue
+        server, ready_path = chosen
+        try:
+            results.append(bench_one(server, ready_path, images, bodies, args, tmp))
+        except Exception as exc:  # noqa: BLE001 - one failed config must not lose the others
+            log.exception("%s failed", config)
+            results.append({"config": config, "error": str(exc)})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; exit status 1 if any config produced no peak figure."""
+    p, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     machine = machine_description()  # before the run: the load average says how busy the machine was
@@ -456,34 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error("give --bundle PATH or --export-to DIR")
         bundle, weights = export_bench_bundle(args.export_to, images[:64], int8=not args.no_int8)
         log.info("exported %s", bundle)
-    from plantml.bundle import load_bundle
-
-    loaded = load_bundle(bundle)
-    available = set(loaded.available())
-    results = []
-    for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
-        runtime, precision = config.split(":")
-        if runtime == "torch":
-            if weights is None:
-                results.append({"config": config, "error": "no --weights for the baseline"})
-                continue
-            threads = 1 if precision == "baseline1" else None
-            server = baseline_server(weights, args.workers, tmp, torch_threads=threads,
-                                     arch=loaded.metadata["architecture"], n_classes=len(loaded.classes),
-                                     size=loaded.input_spec.size)
-            ready_path = "/health"
-        elif (runtime, precision) not in available:
-            results.append({"config": config, "error": f"bundle has no {runtime} {precision} model"})
-            log.warning("skipping %s: not in the bundle", config)
-            continue
-        else:
-            server = our_server(runtime, precision, bundle, args.workers, tmp)
-            ready_path = "/ready"
-        try:
-            results.append(bench_one(server, ready_path, images, bodies, args, tmp))
-        except Exception as exc:  # noqa: BLE001 - one failed config must not lose the others
-            log.exception("%s failed", config)
-            results.append({"config": config, "error": str(exc)})
+    results = bench_all(bundle, weights, images, bodies, args, tmp)
     report = {
         "machine": machine, "bundle": str(bundle), "images": len(images),
         "image_source": str(args.images if args.images and args.images.is_dir() else "synthetic"),

@@ -27,13 +27,19 @@ import sys
 import time
 from pathlib import Path
 
+from typing import Any
+
+# Run as a script (python benchmarks/domain_ablation.py), so the repository root is put on the path first.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from plantml.config import load_params  # noqa: E402
+from plantml import calibration as cal  # noqa: E402
+from plantml.config import Params, load_params, parse_override  # noqa: E402
 from plantml.evaluation import domain_metrics  # noqa: E402
+from plantml.pipeline import _shortcut_report, _torch_proba, load_manifest  # noqa: E402
 from plantml.pipeline import prepare, score_split, train_branch  # noqa: E402
 from plantml.preprocess import InputSpec, softmax  # noqa: E402
-from plantml.shards import load_index  # noqa: E402
+from plantml.shards import ShardIndex, load_index  # noqa: E402
+from plantml.training import TrainResult, load_checkpoint  # noqa: E402
 
 log = logging.getLogger("domain_ablation")
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -71,7 +77,8 @@ def mask_stats(lab: str, field: str, n_lab: int = 300, n_field: int = 240, size:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", required=True, help="row name (with --mask-stats: any)")
     ap.add_argument("--mask-stats", action="store_true", help="only measure the plain-backdrop mask on both sets")
@@ -84,46 +91,51 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/plantml-ablation")
     ap.add_argument("--out", required=True)
     ap.add_argument("--eval-only", action="store_true", help="score the variant's existing checkpoint again")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.mask_stats:
-        row = {"mask_stats": mask_stats(args.lab, args.field), "cpu": cpu_flags()}
-        with open(args.out, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        print(json.dumps(row))
-        return 0
+    return ap.parse_args(argv)
 
-    from plantml.config import parse_override
 
+def append_row(out: str, row: dict[str, Any]) -> None:
+    """Append ``row`` as one JSON line to ``out`` and print it."""
+    with open(out, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
+def variant_params(args: argparse.Namespace) -> Params:
+    """``params.yaml`` with the two shared sources and the variant's overrides."""
     overrides = {"data.data_dir": f"lab={args.lab},field={args.field}",
                  "data.domains": {"field": {"weight": args.field_weight, "split": [0.5, 0.2, 0.3]}},
                  "train.background_replace": args.background}
     if args.epochs:
         overrides["train.epochs"] = args.epochs
     overrides.update(dict(parse_override(s) for s in args.set))
-    params = load_params(None, overrides)
+    return load_params(None, overrides)
+
+
+def prepared_index(params: Params, work: str) -> ShardIndex:
+    """The prepared data, cached under ``work`` per data setting (and image size)."""
     data_key = hashlib.sha256(json.dumps([params.to_dict()["data"], params.train.image_size]).encode()).hexdigest()[:12]
-    store = Path(args.work) / f"prep-{data_key}"
+    store = Path(work) / f"prep-{data_key}"
     if not (store / "index.json").is_file():
         prepare(params, store=str(store), out_dir=str(store), progress=False)
-    index = load_index(str(store))
+    return load_index(str(store))
+
+
+def trained_branch(args: argparse.Namespace, params: Params, index: ShardIndex) -> tuple[TrainResult, float]:
+    """The variant's CNN branch and its training seconds: trained now, or (``--eval-only``) as saved."""
     out_dir = Path(args.work) / f"train-{args.variant}"
     t0 = time.time()
     if args.eval_only:
-        from plantml.training import TrainResult
-
         result = TrainResult(**{k: v for k, v in json.loads((out_dir / "result.json").read_text()).items()
                                 if k in TrainResult.__dataclass_fields__})
         result.checkpoint_path = str(out_dir / "model.pt")
-        train_s = result.train_seconds
-    else:
-        result = train_branch(params, "cnn", index, out_dir, parallel_branches=1, progress=False)
-        train_s = time.time() - t0
+        return result, result.train_seconds
+    result = train_branch(params, "cnn", index, out_dir, parallel_branches=1, progress=False)
+    return result, time.time() - t0
 
-    from plantml import calibration as cal
-    from plantml.pipeline import _shortcut_report, _torch_proba, load_manifest
-    from plantml.training import load_checkpoint
 
+def score_variant(params: Params, result: TrainResult, index: ShardIndex) -> dict[str, Any]:
+    """Temperature, abstention threshold, per-domain test metrics and the shortcut check of one branch."""
     model, _ = load_checkpoint(result.checkpoint_path)
     spec = InputSpec(size=result.image_size, mean=tuple(result.mean), std=tuple(result.std))
     rows = load_manifest(index)
@@ -135,21 +147,33 @@ def main(argv: list[str] | None = None) -> int:
     by_domain = domain_metrics(test.labels, softmax(test.logits, temperature), test.domains, index.classes,
                                calib["abstain_threshold"])
     shortcut = _shortcut_report(params, _torch_proba(model, spec, temperature), index, rows, index.classes)
-    row = {
+    return {"temperature": temperature, "abstain_threshold": calib["abstain_threshold"],
+            "by_domain": by_domain, "shortcut": shortcut}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure one variant (or only the backdrop mask) and append its JSON line to ``--out``."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.mask_stats:
+        append_row(args.out, {"mask_stats": mask_stats(args.lab, args.field), "cpu": cpu_flags()})
+        return 0
+    params = variant_params(args)
+    index = prepared_index(params, args.work)
+    result, train_s = trained_branch(args, params, index)
+    scores = score_variant(params, result, index)
+    append_row(args.out, {
         "variant": args.variant, "field_weight": args.field_weight, "background_replace": args.background,
         "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "train_seconds": round(train_s, 1),
-        "temperature": temperature, "abstain_threshold": calib["abstain_threshold"],
+        "temperature": scores["temperature"], "abstain_threshold": scores["abstain_threshold"],
         "domains": {d: {k: m[k] for k in ("n", "accuracy", "accuracy_ci95", "macro_f1", "ece", "coverage",
                                           "accuracy_on_answered")}
-                    for d, m in by_domain.items()},
-        "shortcut": {k: shortcut.get(k) for k in ("n", "n_no_mask", "target_rate", "target_rate_original",
-                                                  "accuracy_original", "accuracy_pasted")},
+                    for d, m in scores["by_domain"].items()},
+        "shortcut": {k: scores["shortcut"].get(k) for k in ("n", "n_no_mask", "target_rate", "target_rate_original",
+                                                            "accuracy_original", "accuracy_pasted")},
         "image_size": params.train.image_size, "epochs": params.train.epochs,
         "cpu": cpu_flags(), "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M"),
-    }
-    with open(args.out, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
-    print(json.dumps(row))
+    })
     return 0
 
 

@@ -20,7 +20,10 @@ def _background_transform(p: float) -> Any:
     import albumentations as A
 
     class ReplaceBackground(A.ImageOnlyTransform):
+        """Albumentations wrapper of :func:`plantml.backdrop.replace_background`."""
+
         def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+            """The image with its plain backdrop replaced (unchanged when it has none)."""
             return replace_background(img, self.random_generator)
 
     return ReplaceBackground(p=p)

@@ -29,6 +29,8 @@ from plantml.runtime import onnxruntime_runner, openvino_runner  # noqa: F401
 log = logging.getLogger(__name__)
 
 PARITY_BATCH_SIZES = (1, 2, 8)
+#: ``metadata["calibration"]`` of a bundle exported without one: plain softmax, never abstain.
+NO_CALIBRATION: Mapping[str, float] = {"temperature": 1.0, "abstain_threshold": 0.0}
 
 
 class ExportError(RuntimeError):
@@ -194,16 +196,26 @@ def export_bundle(
     """Export ``model`` to ONNX + OpenVINO, check parity, and write a bundle atomically.
 
     Args:
-        model: trained torch module returning logits.
+        model: trained torch module returning logits (and the OOD score, per ``output_names``).
         out_root: folder that receives ``<name>-<version>/`` (and a ``latest`` link).
+        name: the bundle's model name.
+        architecture: the model's architecture name (as the model registry knows it).
+        classes: class names in output order.
+        input_spec: the model input (an ``InputSpec`` or its dict).
         parity_inputs: preprocessed real images (NCHW) used for the parity check.
         metrics: ``{"fp32": {...}}`` test metrics to store.
         lineage: run ids, data manifest hash; ``git_commit`` and ``created_at`` are added.
+        params: the resolved parameters to store with the bundle.
+        calibration: temperature and abstention settings (default: none).
+        opset: ONNX opset.
+        parity_tolerance: largest tolerated difference from torch.
+        version: the bundle version (default: a UTC timestamp).
         extra_steps: callables ``(writer, metadata) -> None`` run before commit, e.g. INT8
             quantization or reference statistics; they may add files and metadata keys.
 
     Returns:
-        ``(bundle_path, metadata)``.
+        ``(bundle_path, metadata)``: the metadata as written, with the files list and hashes
+        the writer filled in.
 
     Raises:
         ExportError: if a runtime's output differs from torch by more than the tolerance.
@@ -211,53 +223,64 @@ def export_bundle(
     version = version or new_version()
     spec_dict = input_spec.to_dict() if hasattr(input_spec, "to_dict") else dict(input_spec)
     with BundleWriter(out_root, name, version) as writer:
-        onnx_path = export_onnx(model, writer.dir / "model.onnx", spec_dict["size"], opset)
-        writer.add_file("model.onnx", fmt="onnx", runtime="onnxruntime", precision="fp32")
-        xml = export_openvino(onnx_path, writer.dir / "openvino" / "model.xml")
-        writer.add_file("openvino/model.xml", fmt="openvino", runtime="openvino", precision="fp32")
-        writer.add_file("openvino/model.bin", fmt="openvino", runtime="openvino", precision="fp32", role="weights")
-        del xml
-        # One session per runtime, all outputs; each comparison picks its output.
-        reference = torch_runner(model, output=None)
-        runtimes = {
-            "onnxruntime_fp32": onnxruntime_runner(writer.dir / "model.onnx", output=None),
-            "openvino_fp32": openvino_runner(writer.dir / "openvino" / "model.xml", output=None),
-        }
-        outputs = list(getattr(model, "output_names", ("logits",)))
-        reports = {}
-        for index, output in enumerate(outputs):
-            relative = output != "logits"
-            reports[output] = parity_report(
-                lambda x, i=index: reference(x)[i],
-                {name: (lambda x, r=run, i=index: r(x)[i]) for name, run in runtimes.items()},
-                parity_inputs, relative=relative,
-            )
-            _check_parity(reports[output], parity_tolerance,
-                          f"max {'relative' if relative else 'abs'} {output} diff")
-        parity_meta: dict[str, Any] = {"tolerance": parity_tolerance, "max_abs_diff": reports["logits"]}
-        if "ood_score" in reports:
-            parity_meta["ood_score_max_rel_diff"] = reports["ood_score"]
+        _write_fp32_models(writer, model, spec_dict["size"], opset)
+        outputs, parity = _check_all_outputs(model, writer.dir, parity_inputs, parity_tolerance)
         metadata: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "outputs": outputs,
-            "name": name,
-            "version": version,
-            "architecture": architecture,
-            "classes": list(classes),
-            "input": spec_dict,
-            "files": [],
-            "metrics": dict(metrics),
-            "calibration": dict(calibration or {"temperature": 1.0, "abstain_threshold": 0.0}),
-            "parity": parity_meta,
-            "lineage": {
-                **dict(lineage),
-                "git_commit": lineage.get("git_commit") or git_commit(),
-                "created_at": datetime.now(timezone.utc).isoformat(),
-            },
-            "params": dict(params or {}),
+            "schema_version": SCHEMA_VERSION, "outputs": outputs, "name": name, "version": version,
+            "architecture": architecture, "classes": list(classes), "input": spec_dict, "files": [],
+            "metrics": dict(metrics), "calibration": dict(calibration or NO_CALIBRATION), "parity": parity,
+            "lineage": _complete_lineage(lineage), "params": dict(params or {}),
         }
         for step in extra_steps:
             step(writer, metadata)
         path = writer.commit(metadata)
-    # Return what was written (with the files list and hashes the writer filled in).
     return path, json.loads((path / METADATA_FILE).read_text())
+
+
+def _write_fp32_models(writer: BundleWriter, model: Any, image_size: int, opset: int) -> None:
+    """Export ``model.onnx`` and ``openvino/model.xml|bin`` into the bundle and register them (FP32)."""
+    onnx_path = export_onnx(model, writer.dir / "model.onnx", image_size, opset)
+    writer.add_file("model.onnx", fmt="onnx", runtime="onnxruntime", precision="fp32")
+    export_openvino(onnx_path, writer.dir / "openvino" / "model.xml")
+    writer.add_file("openvino/model.xml", fmt="openvino", runtime="openvino", precision="fp32")
+    writer.add_file("openvino/model.bin", fmt="openvino", runtime="openvino", precision="fp32", role="weights")
+
+
+def _check_all_outputs(model: Any, bundle_dir: Path, parity_inputs: np.ndarray,
+                       tolerance: float) -> tuple[list[str], dict[str, Any]]:
+    """Compare every output of both runtimes with torch, or raise ExportError.
+
+    Logits are compared by absolute difference; other outputs (the OOD score) by relative one.
+
+    Returns:
+        ``(the model's output names, metadata["parity"])``.
+    """
+    outputs = list(getattr(model, "output_names", ("logits",)))
+    # One session per runtime, all outputs; each comparison picks its output.
+    reference = torch_runner(model, output=None)
+    runtimes = {
+        "onnxruntime_fp32": onnxruntime_runner(bundle_dir / "model.onnx", output=None),
+        "openvino_fp32": openvino_runner(bundle_dir / "openvino" / "model.xml", output=None),
+    }
+    reports = {}
+    for index, output in enumerate(outputs):
+        relative = output != "logits"
+        reports[output] = parity_report(
+            lambda x, i=index: reference(x)[i],
+            {name: (lambda x, r=run, i=index: r(x)[i]) for name, run in runtimes.items()},
+            parity_inputs, relative=relative,
+        )
+        _check_parity(reports[output], tolerance, f"max {'relative' if relative else 'abs'} {output} diff")
+    parity_meta: dict[str, Any] = {"tolerance": tolerance, "max_abs_diff": reports["logits"]}
+    if "ood_score" in reports:
+        parity_meta["ood_score_max_rel_diff"] = reports["ood_score"]
+    return outputs, parity_meta
+
+
+def _complete_lineage(lineage: Mapping[str, Any]) -> dict[str, Any]:
+    """The caller's lineage plus the git commit (unless given) and the creation time."""
+    return {
+        **dict(lineage),
+        "git_commit": lineage.get("git_commit") or git_commit(),
+        "created_at": datetime.now(timezone.utc).isoformat(),
+    }

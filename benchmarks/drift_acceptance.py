@@ -25,15 +25,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageEnhance
 
+# Run as a script (python benchmarks/drift_acceptance.py), so the repository root is put on the path first.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from plantml import drift  # noqa: E402
+from plantml.export import export_bundle  # noqa: E402
 from plantml.imagestats import STAT_COLUMNS  # noqa: E402
-from plantml.preprocess import IMAGE_EXTENSIONS, load_image  # noqa: E402
+from plantml.models import create_model  # noqa: E402
+from plantml.preprocess import IMAGE_EXTENSIONS, InputSpec, load_image, preprocess_batch, softmax  # noqa: E402
 
 
 def shift(img: Image.Image) -> Image.Image:
@@ -43,6 +48,7 @@ def shift(img: Image.Image) -> Image.Image:
 
 
 def split_classes(data: Path, seed: int) -> dict[str, list[tuple[Path, str]]]:
+    """Every class folder's images in three shuffled thirds: train, reference, held out."""
     rng = np.random.default_rng(seed)
     parts: dict[str, list[tuple[Path, str]]] = {"train": [], "reference": [], "heldout": []}
     for folder in sorted(p for p in data.iterdir() if p.is_dir()):
@@ -54,11 +60,10 @@ def split_classes(data: Path, seed: int) -> dict[str, list[tuple[Path, str]]]:
     return parts
 
 
-def train_stand_in(train: list[tuple[Path, str]], classes: list[str], size: int, epochs: int):
+def train_stand_in(train: list[tuple[Path, str]], classes: list[str], size: int,
+                   epochs: int) -> tuple[Any, InputSpec, np.ndarray]:
+    """A ``tiny_cnn`` trained a few epochs: the model, its input spec and 8 parity inputs."""
     import torch
-
-    from plantml.models import create_model
-    from plantml.preprocess import InputSpec, preprocess_batch
 
     torch.manual_seed(0)
     spec = InputSpec(size=size)
@@ -75,7 +80,66 @@ def train_stand_in(train: list[tuple[Path, str]], classes: list[str], size: int,
     return model.eval(), spec, x[:8].numpy()
 
 
+def reference_logits(model: Any, spec: InputSpec, paths: list[Path]) -> np.ndarray:
+    """The stand-in's logits on ``paths``, 64 images at a time."""
+    import torch
+
+    with torch.inference_mode():
+        return np.concatenate([
+            model(torch.from_numpy(preprocess_batch([load_image(p) for p in paths[i:i + 64]], spec))).numpy()
+            for i in range(0, len(paths), 64)
+        ])
+
+
+def export_stand_in(model: Any, spec: InputSpec, parity: np.ndarray, classes: list[str],
+                    reference: list[tuple[Path, str]], work: Path) -> tuple[Path, float]:
+    """Export the stand-in with its drift reference statistics; the bundle and its reference accuracy."""
+    ref_paths = [p for p, _ in reference]
+    logits = reference_logits(model, spec, ref_paths)
+    probs = softmax(logits)
+    ref_acc = float(np.mean([classes[i] == c for i, (_, c) in zip(probs.argmax(1), reference)]))
+    step = drift.reference_stats_step(ref_paths, [classes[i] for i in probs.argmax(1)], probs.max(1),
+                                      embeddings=logits, embedding_source="logits")
+    bundle, _ = export_bundle(
+        model, out_root=work / "bundles", name="pv-drift-standin", architecture="tiny_cnn", classes=classes,
+        input_spec=spec, parity_inputs=parity, metrics={"fp32": {"accuracy": ref_acc}},
+        lineage={"data_manifest_sha256": None, "note": "stand-in model for the drift acceptance run"},
+        version="standin-1", extra_steps=[step],
+    )
+    return bundle, ref_acc
+
+
+def write_batches(heldout: list[tuple[Path, str]], work: Path) -> tuple[Path, Path]:
+    """The held-out images copied as they are, and shifted: the two folders ``plantml drift`` reads."""
+    held, shifted = work / "heldout", work / "shifted"
+    for p, c in heldout:
+        for root in (held, shifted):
+            (root / c).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, held / c / p.name)
+        shift(load_image(p)).save(shifted / c / (p.stem + ".jpg"), quality=92)
+    return held, shifted
+
+
+def run_drift(bundle: Path, name: str, folder: Path, work: Path) -> dict[str, Any]:
+    """``python -m plantml.drift`` on one folder, as an operator runs it; its summary figures."""
+    out = work / f"{name}_summary.json"
+    cmd = [sys.executable, "-m", "plantml.drift", "--bundle", str(bundle), "--current", str(folder),
+           "--report", str(work / f"{name}.html"), "--json", str(work / f"{name}.json")]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    out.write_text(res.stdout)
+    s = json.loads(res.stdout)
+    stats = [c for c in STAT_COLUMNS if c in s["columns"]]
+    return {
+        "exit_code": res.returncode, "drift_detected": s["drift_detected"],
+        "drift_share": round(s["drift_share"], 3),
+        "n_drifted": s["n_drifted_columns"], "n_columns": s["n_columns"],
+        "stats_only_share": round(sum(s["columns"][c]["drifted"] for c in stats) / len(stats), 3),
+        "drifted_columns": s["drifted_columns"],
+    }
+
+
 def main() -> int:
+    """Run the acceptance pair; exit 0 when the held-out batch passes and the shifted one drifts."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, type=Path)
     ap.add_argument("--work", required=True, type=Path)
@@ -84,61 +148,21 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    import torch
-
-    from plantml import drift
-    from plantml.export import export_bundle
-    from plantml.preprocess import preprocess_batch, softmax
-
     t0 = time.time()
     if args.work.exists():
         shutil.rmtree(args.work)
     parts = split_classes(args.data, args.seed)
     classes = sorted({c for _, c in parts["train"]})
     model, spec, parity = train_stand_in(parts["train"], classes, args.size, args.epochs)
-
-    ref_paths = [p for p, _ in parts["reference"]]
-    with torch.inference_mode():
-        logits = np.concatenate([
-            model(torch.from_numpy(preprocess_batch([load_image(p) for p in ref_paths[i:i + 64]], spec))).numpy()
-            for i in range(0, len(ref_paths), 64)
-        ])
-    probs = softmax(logits)
-    ref_acc = float(np.mean([classes[i] == c for i, (_, c) in zip(probs.argmax(1), parts["reference"])]))
-    step = drift.reference_stats_step(ref_paths, [classes[i] for i in probs.argmax(1)], probs.max(1),
-                                      embeddings=logits, embedding_source="logits")
-    bundle, _ = export_bundle(
-        model, out_root=args.work / "bundles", name="pv-drift-standin", architecture="tiny_cnn", classes=classes,
-        input_spec=spec, parity_inputs=parity, metrics={"fp32": {"accuracy": ref_acc}},
-        lineage={"data_manifest_sha256": None, "note": "stand-in model for the drift acceptance run"},
-        version="standin-1", extra_steps=[step],
-    )
-    held, shifted = args.work / "heldout", args.work / "shifted"
-    for p, c in parts["heldout"]:
-        for root in (held, shifted):
-            (root / c).mkdir(parents=True, exist_ok=True)
-        shutil.copy(p, held / c / p.name)
-        shift(load_image(p)).save(shifted / c / (p.stem + ".jpg"), quality=92)
+    bundle, ref_acc = export_stand_in(model, spec, parity, classes, parts["reference"], args.work)
+    held, shifted = write_batches(parts["heldout"], args.work)
 
     results: dict[str, object] = {
-        "n_train": len(parts["train"]), "n_reference": len(ref_paths), "n_heldout": len(parts["heldout"]),
+        "n_train": len(parts["train"]), "n_reference": len(parts["reference"]), "n_heldout": len(parts["heldout"]),
         "stand_in_accuracy_on_reference": round(ref_acc, 3),
     }
     for name, folder in (("heldout", held), ("shifted", shifted)):
-        out = args.work / f"{name}_summary.json"
-        cmd = [sys.executable, "-m", "plantml.drift", "--bundle", str(bundle), "--current", str(folder),
-               "--report", str(args.work / f"{name}.html"), "--json", str(args.work / f"{name}.json")]
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
-        out.write_text(res.stdout)
-        s = json.loads(res.stdout)
-        stats = [c for c in STAT_COLUMNS if c in s["columns"]]
-        results[name] = {
-            "exit_code": res.returncode, "drift_detected": s["drift_detected"],
-            "drift_share": round(s["drift_share"], 3),
-            "n_drifted": s["n_drifted_columns"], "n_columns": s["n_columns"],
-            "stats_only_share": round(sum(s["columns"][c]["drifted"] for c in stats) / len(stats), 3),
-            "drifted_columns": s["drifted_columns"],
-        }
+        results[name] = run_drift(bundle, name, folder, args.work)
     results["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(results, indent=1))
     ok = results["heldout"]["exit_code"] == 0 and results["shifted"]["exit_code"] == 1  # type: ignore[index]

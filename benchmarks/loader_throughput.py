@@ -26,12 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+# Run as a script (python benchmarks/loader_throughput.py), so the repository root is put on the path first.
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from plantml.config import load_params  # noqa: E402
 from plantml.data import PixelStaging, augmentation_factory, prepare_dataset, write_shards  # noqa: E402
 from plantml.loader import make_loader, to_model_input  # noqa: E402
+from plantml.shards import ShardIndex  # noqa: E402
 
 
 def _step(model, optimizer, x, y, torch) -> None:
@@ -43,18 +45,33 @@ def _step(model, optimizer, x, y, torch) -> None:
     optimizer.step()
 
 
+def cpu_description() -> tuple[str, list[str]]:
+    """The lscpu model name and which of the SIMD flags that matter for these timings it has."""
+    flags = [line for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+             if line.startswith(("Model name", "Flags"))]
+    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if any(f" {f}" in line for line in flags)]
+    return next((line.split(":", 1)[1].strip() for line in flags if line.startswith("Model name")), ""), wanted
+
+
+def shard_sample(sample: Path, size: int) -> ShardIndex:
+    """The sample prepared into training shards (``size`` px) in a fresh temporary folder."""
+    store = Path(tempfile.mkdtemp(prefix="plantml-loader-bench-"))
+    staging = PixelStaging(size)
+    rows, summary = prepare_dataset(sample, progress=False, staging=staging)
+    _, index = write_shards(rows, summary, staging, str(store), progress=False)
+    staging.close()
+    return index
+
+
 def measure(args: argparse.Namespace) -> dict:
+    """Alternating rounds of pre-decoded and streaming training steps; the report as a dict."""
     import torch
 
     from plantml.training import build_model
 
     torch.set_num_threads(args.threads)
     params = load_params(overrides={"train.image_size": args.size, "train.batch_size": args.batch_size})
-    store = Path(tempfile.mkdtemp(prefix="plantml-loader-bench-"))
-    staging = PixelStaging(args.size)
-    rows, summary = prepare_dataset(args.sample, progress=False, staging=staging)
-    _, index = write_shards(rows, summary, staging, str(store), progress=False)
-    staging.close()
+    index = shard_sample(args.sample, args.size)
     model, _, spec = build_model("cnn", params.train.models["cnn"], params.train, len(index.classes), "cpu")
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -96,14 +113,11 @@ def measure(args: argparse.Namespace) -> dict:
         startup[f"w{w}"] = time.perf_counter() - t0
     med = {k: float(np.median([r[k] for r in rounds])) for k in rounds[0]}
     ratios = {k: float(np.median([r[k] / r["predecoded"] for r in rounds])) for k in rounds[0] if k != "predecoded"}
-    flags = [line for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-             if line.startswith(("Model name", "Flags"))]
-    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if any(f" {f}" in line for line in flags)]
+    cpu, wanted = cpu_description()
     return {"images_per_second_median": med, "ratio_to_predecoded_median": ratios, "rounds": rounds,
             "first_batch_seconds": startup, "threads": args.threads, "batch_size": bs, "image_size": args.size,
             "steps_per_round": args.steps, "model": params.train.models["cnn"].arch,
-            "cpu": next((line.split(":", 1)[1].strip() for line in flags if line.startswith("Model name")), ""),
-            "cpu_flags": wanted}
+            "cpu": cpu, "cpu_flags": wanted}
 
 
 def main() -> None:

@@ -58,7 +58,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from flows import cards  # noqa: E402
 from flows.store import checkpoint_uris, run_store  # noqa: E402
-from plantml.config import load_params  # noqa: E402
+from plantml.config import load_params, params_from_dict, parse_override  # noqa: E402
+from plantml.distributed import (NodeGroup, configured_nodes, images_per_epoch, rendezvous_port,  # noqa: E402
+                                 train_on_node)
+from plantml.evaluation import plot_training_curves  # noqa: E402
+from plantml.pipeline import (enforce_quality_gates, evaluate_models, export_champion, prepare,  # noqa: E402
+                              publish_latest_evaluation, repo_path, train_branch)
+from plantml.registry import (finish_parent_run, log_branch_run, log_dataset_input, log_epoch_metrics,  # noqa: E402
+                              register_bundle, start_branch_run, start_parent_run)
+from plantml.shards import ShardIndex  # noqa: E402
+from plantml.storage import join  # noqa: E402
 
 # Decorator arguments are fixed at import: read the resources from the default parameter file.
 RESOURCES = load_params().resources
@@ -74,17 +83,12 @@ class PlantDiseaseFlow(FlowSpec):
     overrides = Parameter("set", default="", help='space-separated overrides, e.g. "train.epochs=3 data.seed=1"')
 
     def _params(self):
-        from plantml.config import params_from_dict
-
         return params_from_dict(self.params)
 
     @card(type="blank")
     @step
     def start(self):
         """Resolve and validate the parameters (a bad key fails here, before any work)."""
-        from plantml.config import load_params, parse_override
-        from plantml.registry import start_parent_run
-
         overrides = dict(parse_override(tok) for tok in self.overrides.split())
         if self.data_dir:
             overrides["data.data_dir"] = self.data_dir
@@ -97,7 +101,7 @@ class PlantDiseaseFlow(FlowSpec):
         # no data folder and no sources: prepare generates the DEMO set
         for part in cards.banner(not (params.data.data_dir or params.data.sources)):
             current.card.append(part)
-        current.card.append(cards.Markdown(f"# Parameters\n```\n{cards._pretty(self.params)}\n```"))
+        current.card.append(cards.Markdown(f"# Parameters\n```\n{cards.pretty(self.params)}\n```"))
         self.next(self.prepare)
 
     @resources(**RESOURCES.prepare.decorator_kwargs())
@@ -105,10 +109,6 @@ class PlantDiseaseFlow(FlowSpec):
     @step
     def prepare(self):
         """Scan, check and split the data; decode it once into shards in the run's store."""
-        from plantml.pipeline import prepare, repo_path
-        from plantml.registry import log_dataset_input
-        from plantml.storage import join
-
         params = self._params()
         summary, index = prepare(params, store=join(run_store(self), "data"))
         self.shards = index.to_dict()
@@ -123,8 +123,6 @@ class PlantDiseaseFlow(FlowSpec):
     @step
     def branch(self):
         """Route one model's training: here (``train``) or on a gang of nodes (``train_fanout``)."""
-        from plantml.distributed import configured_nodes
-
         self.model_name = self.input
         self.train_nodes = configured_nodes(self._params())
         self.placement = "nodes" if self.train_nodes > 1 else "local"
@@ -137,8 +135,6 @@ class PlantDiseaseFlow(FlowSpec):
     @step
     def train(self):
         """Train one model here (a foreach branch: the CNN and the ViT run at the same time)."""
-        from plantml.pipeline import train_branch
-
         params = self._params()
         out_dir = self._train_dir(params)
         checkpoint, earlier = checkpoint_uris(self, self.model_name)
@@ -161,8 +157,6 @@ class PlantDiseaseFlow(FlowSpec):
     @step
     def train_node(self):
         """One node of a data-parallel gang; node 0 logs live metrics, checkpoints and keeps the weights."""
-        from plantml.distributed import NodeGroup, rendezvous_port, train_on_node
-
         params = self._params()
         node = current.parallel
         group = NodeGroup(nnodes=node.num_nodes, node_rank=node.node_index, master_addr=node.main_ip,
@@ -186,8 +180,6 @@ class PlantDiseaseFlow(FlowSpec):
     @step
     def train_nodes_join(self, inputs):
         """Keep node 0's result and weights; record what every node trained on."""
-        from plantml.distributed import images_per_epoch
-
         # node 0 alone has the weights, the result and the MLflow run id; the rest is the same on every node
         self.merge_artifacts(inputs, exclude=["node_index", "node_result"])
         self.node_images_per_epoch = {i.node_index: images_per_epoch(i.node_result["history"]) for i in inputs}
@@ -200,14 +192,10 @@ class PlantDiseaseFlow(FlowSpec):
         self.next(self.evaluate)
 
     def _train_dir(self, params) -> Path:
-        from plantml.pipeline import repo_path
-
         return repo_path(params.train.out_dir) / current.run_id / self.model_name
 
     def _live_training(self, params):
         """Open the branch's MLflow run and the live card; returns the per-epoch callback."""
-        from plantml.registry import log_epoch_metrics, start_branch_run
-
         uri = params.registry.tracking_uri
         # The branch's MLflow run exists from the first epoch on: metrics are live, not logged after the join.
         self.mlflow_run_id = start_branch_run(
@@ -224,8 +212,6 @@ class PlantDiseaseFlow(FlowSpec):
 
     def _publish_training(self, result: dict, checkpoint: bytes, out_dir: Path) -> None:
         """Keep the result and weights as artifacts and add the training curves to this step's card."""
-        from plantml.evaluation import plot_training_curves
-
         self.train_result = result
         self.checkpoint = checkpoint
         curve = plot_training_curves({self.model_name: result["history"]}, out_dir / "curves.png")
@@ -234,8 +220,6 @@ class PlantDiseaseFlow(FlowSpec):
             current.card.append(part)
 
     def _index(self):
-        from plantml.shards import ShardIndex
-
         return ShardIndex.from_dict(self.shards)
 
     @resources(**RESOURCES.evaluate.decorator_kwargs())
@@ -243,10 +227,6 @@ class PlantDiseaseFlow(FlowSpec):
     @step
     def evaluate(self, inputs):
         """Test metrics, CNN vs ViT, champion, calibration, robustness; MLflow runs; quality gates."""
-        from plantml.pipeline import enforce_quality_gates, evaluate_models, publish_latest_evaluation, repo_path
-        from plantml.registry import log_branch_run
-        from plantml.storage import join
-
         self.merge_artifacts(inputs, include=["params", "shards", "summary", "classes", "mlflow_parent_run_id",
                                               "model_names"])
         params = self._params()
@@ -254,44 +234,52 @@ class PlantDiseaseFlow(FlowSpec):
         ok = [i for i in inputs if not getattr(i, "train_error", None)]
         if not ok:
             raise RuntimeError(f"every training branch failed: {self.train_errors}")
-        ckpt_dir = repo_path(params.train.out_dir) / current.run_id
-        checkpoints = {}
-        for i in ok:
-            path = ckpt_dir / i.model_name / "model.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if not path.is_file():  # e.g. a resumed run, or branches that ran on another machine
-                path.write_bytes(i.checkpoint)
-            checkpoints[i.model_name] = str(path)
         self.train_results = {i.model_name: i.train_result for i in ok}
         self.checkpoints = {i.model_name: i.checkpoint for i in ok}
-        report = evaluate_models(params, self.train_results, checkpoints, self._index(),
-                                 repo_path(params.evaluate.out_dir) / current.run_id, is_demo=self.summary["is_demo"],
-                                 store=join(run_store(self), "eval"))
-        # also as the latest metrics/plots beside the per-run folder: `dvc metrics show` / `dvc plots show`
+        checkpoints = self._checkpoint_files(params)
         eval_dir = repo_path(params.evaluate.out_dir)
+        report = evaluate_models(params, self.train_results, checkpoints, self._index(), eval_dir / current.run_id,
+                                 is_demo=self.summary["is_demo"], store=join(run_store(self), "eval"))
+        # also as the latest metrics/plots beside the per-run folder: `dvc metrics show` / `dvc plots show`
         publish_latest_evaluation(eval_dir / current.run_id, eval_dir)
         self.report = report
         self.champion = report["champion"]
-        self.mlflow_run_ids = {}
-        for name, m in report["models"].items():
-            self.mlflow_run_ids[name] = log_branch_run(
-                self.mlflow_parent_run_id, name,
-                params={"arch": m["arch"], **params.to_dict()["train"]["models"][name],
-                        "image_size": params.train.image_size, "num_params": m["num_params"]},
-                history=self.train_results[name]["history"],
-                metrics={"test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"],
-                         "test_roc_auc_ovr": m["roc_auc_ovr_macro"], "latency_ms": m["latency_ms"],
-                         "ece": m["calibration"]["ece"], "ece_uncalibrated": m["calibration"]["ece_uncalibrated"]},
-                artifacts=list(m["plots"].values()) + [report["plots"]["curves"]],
-                checkpoint_path=checkpoints[name],
-                tags={"metaflow_run_id": current.run_id, "champion": str(name == self.champion),
-                      "demo_data": str(self.summary["is_demo"])},
-                tracking_uri=params.registry.tracking_uri, run_id=next(
-                    (getattr(i, "mlflow_run_id", None) for i in ok if i.model_name == name), None))
+        live_runs = {i.model_name: getattr(i, "mlflow_run_id", None) for i in ok}
+        self.mlflow_run_ids = {name: self._log_branch_run(params, name, checkpoints[name], live_runs[name])
+                               for name in report["models"]}
         for part in cards.evaluate_card(report, self.train_errors):
             current.card.append(part)
         enforce_quality_gates(params, report)  # fails the run here: nothing exported, nothing registered
         self.next(self.export)
+
+    def _checkpoint_files(self, params) -> dict:
+        """``{name: model.pt path}``, written from the branches' artifacts where this machine lacks the file."""
+        ckpt_dir = repo_path(params.train.out_dir) / current.run_id
+        checkpoints = {}
+        for name, weights in self.checkpoints.items():
+            path = ckpt_dir / name / "model.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.is_file():  # e.g. a resumed run, or branches that ran on another machine
+                path.write_bytes(weights)
+            checkpoints[name] = str(path)
+        return checkpoints
+
+    def _log_branch_run(self, params, name: str, checkpoint: str, run_id) -> str:
+        """Complete branch ``name``'s MLflow run (opened live by its training) with its test results."""
+        m = self.report["models"][name]
+        return log_branch_run(
+            self.mlflow_parent_run_id, name,
+            params={"arch": m["arch"], **params.to_dict()["train"]["models"][name],
+                    "image_size": params.train.image_size, "num_params": m["num_params"]},
+            history=self.train_results[name]["history"],
+            metrics={"test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"],
+                     "test_roc_auc_ovr": m["roc_auc_ovr_macro"], "latency_ms": m["latency_ms"],
+                     "ece": m["calibration"]["ece"], "ece_uncalibrated": m["calibration"]["ece_uncalibrated"]},
+            artifacts=list(m["plots"].values()) + [self.report["plots"]["curves"]],
+            checkpoint_path=checkpoint,
+            tags={"metaflow_run_id": current.run_id, "champion": str(name == self.champion),
+                  "demo_data": str(self.summary["is_demo"])},
+            tracking_uri=params.registry.tracking_uri, run_id=run_id)
 
     @retry(times=1)
     @resources(**RESOURCES.export.decorator_kwargs())
@@ -299,9 +287,6 @@ class PlantDiseaseFlow(FlowSpec):
     @step
     def export(self):
         """Export the champion (ONNX, OpenVINO, INT8 behind its gate), write the bundle, register it."""
-        from plantml.pipeline import export_champion
-        from plantml.registry import register_bundle
-
         params = self._params()
         name = self.champion
         with tempfile.TemporaryDirectory() as tmp:
@@ -328,8 +313,6 @@ class PlantDiseaseFlow(FlowSpec):
     @step
     def end(self):
         """Record the outcome on the parent MLflow run and print where the bundle is."""
-        from plantml.registry import finish_parent_run
-
         params = self._params()
         champ = self.report["models"][self.champion]
         finish_parent_run(self.mlflow_parent_run_id,

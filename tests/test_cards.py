@@ -109,3 +109,30 @@ def test_evaluate_card_shows_domains_gates_abstention_and_the_shortcut():
     assert any(isinstance(p, cards.Table) and "sampling weight" in str(p._headers) for p in prep)
     no_shortcut = cards.evaluate_card({**report, "shortcut": {"applicable": False, "reason": "one domain"}}, {})
     assert "not applicable (one domain)" in "\n".join(_texts(no_shortcut))
+
+
+def _drift_summary(status: str) -> dict:
+    columns = {"r_mean": {"method": "Wasserstein distance (normed)", "score": 0.4, "threshold": 0.1, "drifted": True},
+               "sharpness": {"method": "K-S p_value", "score": 0.5, "threshold": 0.05, "drifted": False}}
+    return {"status": status, "bundle_name": "m", "bundle_version": "1", "n_current": 60, "n_reference": 100,
+            "message": "1 of 2 columns drifted", "drift_share": 0.5, "threshold_share": 0.5, "drift_detected": True,
+            "retrain_recommended": True, "n_drifted_columns": 1, "columns": columns}
+
+
+def test_drift_card_shows_the_verdict_or_says_there_is_none():
+    """The drift card (flows/cards): verdict, table, chart; no verdict on too little data."""
+    parts = cards.drift_card(_drift_summary("ok"), "logs/drift.jsonl", "<html><body>report</body></html>")
+    texts = "\n".join(_texts(parts))
+    assert "DRIFT: retrain recommended" in texts and "iframe" in texts and "logs/drift.jsonl" in texts
+    assert any(isinstance(p, cards.Table) for p in parts) and any(isinstance(p, cards.Image) for p in parts)
+    thin = "\n".join(_texts(cards.drift_card(_drift_summary("not_enough_data"), "logs/x.jsonl", None)))
+    assert "no verdict" in thin and "retrain" not in thin
+    assert "MLflow run" in "\n".join(_texts(cards.drift_card(_drift_summary("ok"), "x", None)))
+
+
+def test_drift_run_metrics_count_always_and_score_only_when_conclusive():
+    from plantml.registry import drift_metrics
+
+    ok = drift_metrics(_drift_summary("ok"))
+    assert ok["drift_detected"] == 1.0 and ok["drift_score.r_mean"] == 0.4 and ok["n_current"] == 60
+    assert drift_metrics(_drift_summary("not_enough_data")) == {"n_current": 60, "n_reference": 100}

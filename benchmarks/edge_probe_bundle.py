@@ -27,15 +27,20 @@ import logging
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+# Run as a script (python benchmarks/edge_probe_bundle.py), so the repository root is put on the path first.
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from plantml.export import export_bundle  # noqa: E402
+from plantml.models import create_model  # noqa: E402
 from plantml.preprocess import IMAGE_EXTENSIONS, InputSpec, load_image, preprocess_image  # noqa: E402
+from plantml.quantize import evaluate, int8_export_step  # noqa: E402
 
 log = logging.getLogger("edge_probe_bundle")
 
@@ -51,10 +56,11 @@ def split_folder(data_dir: Path, per_class_test: int, seed: int) -> list[tuple[P
 
 
 def load_batch(paths: list[Path], spec: InputSpec, desc: str) -> np.ndarray:
+    """Model inputs of ``paths`` (a progress bar labelled ``desc``)."""
     return np.stack([preprocess_image(load_image(p), spec) for p in tqdm(paths, desc=desc, unit="img")])
 
 
-def fit_linear_probe(model, x_train: np.ndarray, y_train: np.ndarray, threads: int, epochs: int = 300) -> None:
+def fit_linear_probe(model: Any, x_train: np.ndarray, y_train: np.ndarray, threads: int, epochs: int = 300) -> None:
     """Fit ``model``'s classifier on frozen backbone features (full-batch Adam, weight decay)."""
     import torch
 
@@ -77,7 +83,8 @@ def fit_linear_probe(model, x_train: np.ndarray, y_train: np.ndarray, threads: i
     log.info("linear probe: final train loss %.4f", float(loss.detach()))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True, help="writes <out>/bundles/<bundle> and <out>/manifest.csv")
@@ -88,31 +95,61 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-accuracy-drop", type=float, default=0.01)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    return ap.parse_args(argv)
 
-    import torch
 
-    from plantml.export import export_bundle
-    from plantml.models import create_model
-    from plantml.quantize import evaluate, int8_export_step
-
-    torch.manual_seed(args.seed)
-    rows = split_folder(args.data_dir, args.per_class_test, args.seed)
-    classes = sorted({label for _, label, _ in rows})
-    index = {c: i for i, c in enumerate(classes)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "manifest.csv", "w", newline="") as fh:
+def write_manifest(rows: list[tuple[Path, str, str]], out: Path) -> None:
+    """``<out>/manifest.csv`` (``path,label,split``), the edge benchmark's ``--manifest``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "manifest.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "label", "split"])
         w.writerows((str(p.resolve()), label, split) for p, label, split in rows)
-    spec = InputSpec(size=args.size)
+
+
+def split_arrays(rows: list[tuple[Path, str, str]], classes: list[str],
+                 spec: InputSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``x_train, y_train, x_test, y_test``: model inputs and class indices of both splits."""
+    index = {c: i for i, c in enumerate(classes)}
     train = [(p, index[c]) for p, c, s in rows if s == "train"]
     test = [(p, index[c]) for p, c, s in rows if s == "test"]
     x_train = load_batch([p for p, _ in train], spec, "train images")
     y_train = np.array([y for _, y in train])
     x_test = load_batch([p for p, _ in test], spec, "test images")
     y_test = np.array([y for _, y in test])
+    return x_train, y_train, x_test, y_test
+
+
+def export_probe(args: argparse.Namespace, model: Any, classes: list[str], spec: InputSpec, x_train: np.ndarray,
+                 x_test: np.ndarray, y_test: np.ndarray, fp32: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """Export through the flow's own path: ``export_bundle`` with the real INT8 step (and its gate)."""
+    rng = np.random.default_rng(args.seed)
+    calib_idx = rng.choice(len(x_train), size=min(args.calibration_images, len(x_train)), replace=False)
+    step = int8_export_step(x_train[calib_idx], x_test, y_test, args.max_accuracy_drop, threads=args.threads)
+    return export_bundle(
+        model, out_root=args.out / "bundles", name=f"probe-{args.arch}", architecture=args.arch, classes=classes,
+        input_spec=spec, parity_inputs=x_test[:8], metrics={"fp32": fp32},
+        lineage={"metaflow_run_id": None, "mlflow_run_id": None, "data_manifest_sha256": None,
+                 "note": "benchmark stand-in: ImageNet backbone + linear-probe head (benchmarks/edge_probe_bundle.py)"},
+        params={"probe": vars(args) | {"data_dir": str(args.data_dir), "out": str(args.out)}},
+        calibration={"temperature": 1.0, "abstain_threshold": 0.0},
+        extra_steps=[step],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the probe bundle and its manifest; print the bundle's path."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+
+    import torch
+
+    torch.manual_seed(args.seed)
+    rows = split_folder(args.data_dir, args.per_class_test, args.seed)
+    classes = sorted({label for _, label, _ in rows})
+    write_manifest(rows, args.out)
+    spec = InputSpec(size=args.size)
+    x_train, y_train, x_test, y_test = split_arrays(rows, classes, spec)
 
     model = create_model(args.arch, len(classes), image_size=args.size)
     fit_linear_probe(model, x_train, y_train, args.threads)
@@ -124,18 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fp32 = evaluate(torch_logits, x_test, y_test)
     log.info("torch FP32 test accuracy %.4f (n=%d)", fp32["accuracy"], fp32["n"])
-    rng = np.random.default_rng(args.seed)
-    calib_idx = rng.choice(len(x_train), size=min(args.calibration_images, len(x_train)), replace=False)
-    step = int8_export_step(x_train[calib_idx], x_test, y_test, args.max_accuracy_drop, threads=args.threads)
-    path, meta = export_bundle(
-        model, out_root=args.out / "bundles", name=f"probe-{args.arch}", architecture=args.arch, classes=classes,
-        input_spec=spec, parity_inputs=x_test[:8], metrics={"fp32": fp32},
-        lineage={"metaflow_run_id": None, "mlflow_run_id": None, "data_manifest_sha256": None,
-                 "note": "benchmark stand-in: ImageNet backbone + linear-probe head (benchmarks/edge_probe_bundle.py)"},
-        params={"probe": vars(args) | {"data_dir": str(args.data_dir), "out": str(args.out)}},
-        calibration={"temperature": 1.0, "abstain_threshold": 0.0},
-        extra_steps=[step],
-    )
+    path, meta = export_probe(args, model, classes, spec, x_train, x_test, y_test, fp32)
     print(path)
     for runtime in ("openvino", "onnxruntime"):
         m = meta["metrics"][f"int8_{runtime}"]

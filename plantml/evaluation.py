@@ -69,6 +69,11 @@ def choose_champion(candidates: Mapping[str, Mapping[str, float]], metric: str, 
     to the cheaper model to run. The 20 % margin keeps the choice stable under timing
     noise, so re-running evaluation on the same models picks the same champion.
 
+    Args:
+        candidates: ``{name: metrics}`` (``metric`` and ``latency_ms`` are read).
+        metric: the metric to maximise.
+        tolerance: how far below the best a model may be and still win on speed.
+
     Returns:
         ``(name, human-readable reason)``.
     """
@@ -90,7 +95,14 @@ def choose_champion(candidates: Mapping[str, Mapping[str, float]], metric: str, 
 
 
 def check_quality_gates(metrics: Mapping[str, Any], min_macro_f1: float, min_accuracy: float, name: str) -> None:
-    """Raise :class:`QualityGateError` if the champion misses a gate."""
+    """Raise :class:`QualityGateError` if the champion misses a gate.
+
+    Args:
+        metrics: the champion's test metrics (``macro_f1``, ``accuracy``).
+        min_macro_f1: ``evaluate.min_macro_f1``.
+        min_accuracy: ``evaluate.min_accuracy``.
+        name: the champion's name, for the message.
+    """
     failures = []
     if metrics["macro_f1"] < min_macro_f1:
         failures.append(f"macro-F1 {metrics['macro_f1']:.4f} < evaluate.min_macro_f1 {min_macro_f1}")
@@ -108,6 +120,11 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
     Wilson, not the normal approximation: with 72 field photos and accuracies near 0 or 1
     the normal interval leaves [0, 1] and undercovers.
+
+    Args:
+        k: successes.
+        n: trials.
+        z: the normal quantile of the confidence level.
     """
     if n <= 0:
         return float("nan"), float("nan")
@@ -184,6 +201,10 @@ def check_domain_gates(by_domain: Mapping[str, Mapping[str, Any]], gates: Sequen
     it is ``required``, then it fails: a field floor cannot pass on a run without field
     photos by accident.
 
+    Args:
+        by_domain: the champion's per-domain test metrics.
+        gates: ``evaluate.gates`` (domain, metric, min or max, required).
+
     Returns:
         One dict per gate: domain, metric, bound, value, passed (True/False/None), message.
     """
@@ -214,7 +235,17 @@ def _short(name: str) -> str:
 
 
 def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str) -> Path:
-    """Row-normalised confusion matrix with counts."""
+    """Row-normalised confusion matrix with counts.
+
+    Args:
+        cm: the confusion matrix (rows: true class).
+        classes: class names.
+        path: the PNG to write.
+        title: the plot's title.
+
+    Returns:
+        ``path``.
+    """
     plt = pyplot()
     cm = np.asarray(cm)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
@@ -236,7 +267,18 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], p
 
 
 def plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: Path, title: str) -> Path:
-    """One-vs-rest ROC curves (micro-average bold)."""
+    """One-vs-rest ROC curves (micro-average bold).
+
+    Args:
+        y_true: integer labels ``[N]``.
+        probs: class probabilities ``[N, C]``.
+        classes: class names.
+        path: the PNG to write.
+        title: the plot's title.
+
+    Returns:
+        ``path``.
+    """
     from sklearn.metrics import roc_curve
 
     plt = pyplot()
@@ -258,7 +300,15 @@ def plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], path
 
 
 def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: Path) -> Path:
-    """Loss and validation accuracy/macro-F1 per epoch, one line per model."""
+    """Loss and validation accuracy/macro-F1 per epoch, one line per model.
+
+    Args:
+        histories: ``{model: per-epoch rows}``.
+        path: the PNG to write.
+
+    Returns:
+        ``path``.
+    """
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, hist in histories.items():
@@ -278,7 +328,15 @@ def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
 
 
 def plot_comparison(rows: Mapping[str, Mapping[str, float]], path: Path) -> Path:
-    """Side-by-side bars: accuracy, macro-F1, latency and size per model."""
+    """Side-by-side bars: accuracy, macro-F1, latency and size per model.
+
+    Args:
+        rows: ``{model: report}`` (``accuracy``, ``macro_f1``, ``latency_ms``, ``size_mb``).
+        path: the PNG to write.
+
+    Returns:
+        ``path``.
+    """
     plt = pyplot()
     names = list(rows)
     panels = [("accuracy", "test accuracy"), ("macro_f1", "test macro-F1"),

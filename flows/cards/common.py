@@ -16,14 +16,24 @@ DEMO_BANNER = (
 
 
 def image_or_note(path: str | None, label: str) -> list[Any]:
-    """A pre-rendered PNG as a card image, or a note that it is not available."""
+    """A pre-rendered PNG as a card image, or a note that it is not available.
+
+    Args:
+        path: the PNG (``None`` or missing: the note).
+        label: the image's label.
+    """
     if path and Path(path).is_file():
         return [Image(src=Path(path).read_bytes(), label=label)]
     return [Markdown(f"*{label}: not available*")]
 
 
 def fmt(x: Any, digits: int = 4) -> str:
-    """A number for a table: floats to ``digits`` places, ``None`` as ``n/a``."""
+    """A number for a table: floats to ``digits`` places, ``None`` as ``n/a``.
+
+    Args:
+        x: the value.
+        digits: decimal places for a float.
+    """
     if x is None:
         return "n/a"
     if isinstance(x, float):

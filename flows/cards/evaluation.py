@@ -10,7 +10,12 @@ from flows.cards.common import banner, fmt, image_or_note
 
 
 def per_class_spec(per_class: Sequence[Mapping[str, Any]], model_name: str) -> dict[str, Any]:
-    """Interactive Vega-Lite bars: per-class F1 on the test split, worst first (hover: precision, recall, support)."""
+    """Interactive Vega-Lite bars: per-class F1 on the test split, worst first (hover: precision, recall, support).
+
+    Args:
+        per_class: the model's ``per_class`` rows.
+        model_name: for the title.
+    """
     rows = [{k: pc[k] for k in ("class", "precision", "recall", "f1", "support")} for pc in per_class]
     return {
         "$schema": "https://vega.github.io/schema/vega-lite/v5.json", "width": 520,

@@ -11,7 +11,17 @@ from flows.cards.common import banner, fmt
 
 def export_card(bundle_path: str, metadata: Mapping[str, Any], registered: Mapping[str, Any] | None,
                 model_card: str | None = None) -> list[Any]:
-    """Formats, sizes, parity errors, INT8 gate, registry entry, and the bundle's model card."""
+    """Formats, sizes, parity errors, INT8 gate, registry entry, and the bundle's model card.
+
+    Args:
+        bundle_path: the bundle directory.
+        metadata: its ``metadata.json``.
+        registered: :func:`plantml.registry.register_bundle`'s record (``None``: not registered).
+        model_card: the bundle's ``MODEL_CARD.md`` text.
+
+    Returns:
+        The card's components.
+    """
     parts: list[Any] = banner(bool(metadata["metrics"].get("is_demo_data")))
     parts.append(Markdown(f"# Export\nbundle `{bundle_path}` — `{metadata['name']}` version `{metadata['version']}`, "
                           f"architecture `{metadata['architecture']}`, input {metadata['input']['size']} px."))

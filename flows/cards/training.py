@@ -11,7 +11,15 @@ from flows.cards.common import banner, fmt, image_or_note
 
 
 def prepare_card(summary: Mapping[str, Any], class_chart: str | None) -> list[Any]:
-    """Dataset: layout, per-class split counts, skipped files."""
+    """Dataset: layout, per-class split counts, skipped files.
+
+    Args:
+        summary: the prepared data's summary (``DatasetSummary.to_dict()``).
+        class_chart: the PNG of images per class and split (``None``: not drawn).
+
+    Returns:
+        The card's components.
+    """
     parts: list[Any] = banner(summary["is_demo"])
     parts.append(Markdown(
         f"# Data\n**{summary['n_images']}** images in **{len(summary['classes'])}** classes from `{summary['root']}` "
@@ -39,7 +47,16 @@ def prepare_card(summary: Mapping[str, Any], class_chart: str | None) -> list[An
 
 
 def train_card(result: Mapping[str, Any], curve_png: str | None, is_demo: bool) -> list[Any]:
-    """One branch: curves and the per-epoch table."""
+    """One branch: curves and the per-epoch table.
+
+    Args:
+        result: the branch's ``TrainResult.to_dict()``.
+        curve_png: its training-curves PNG.
+        is_demo: open with the DEMO banner.
+
+    Returns:
+        The card's components.
+    """
     parts: list[Any] = banner(is_demo)
     parts.append(Markdown(
         f"# Training `{result['name']}` ({result['arch']})\nbest epoch **{result['best_epoch']}** of "
@@ -71,6 +88,11 @@ def curves_spec(history: Sequence[Mapping[str, float]]) -> dict[str, Any]:
 def live_train_card(card: Any, model_name: str, is_demo: bool = False) -> Any:
     """A card section that refreshes after every epoch while the branch trains (with the DEMO banner if it applies).
 
+    Args:
+        card: the step's ``current.card``.
+        model_name: the branch's model.
+        is_demo: open with the DEMO banner.
+
     Returns:
         ``on_epoch_end(row, result)`` for :func:`plantml.training.train_model`.
     """
@@ -96,7 +118,15 @@ def live_train_card(card: Any, model_name: str, is_demo: bool = False) -> Any:
 
 
 def class_chart(summary: Mapping[str, Any], path: Path) -> str:
-    """Stacked bars of images per class and split (rendered to PNG)."""
+    """Stacked bars of images per class and split (rendered to PNG).
+
+    Args:
+        summary: the prepared data's summary (``counts``).
+        path: the PNG to write.
+
+    Returns:
+        ``path`` as text.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -117,6 +117,13 @@ def shortcut_report(params: Params, predict: PredictProba, index: sh.ShardIndex,
     Leaves: lab-domain test images of the classes no other domain has. Backgrounds: the
     other domains' test photos (never trained on). Not applicable to a one-domain run.
 
+    Args:
+        params: the run's parameters (``robustness.shortcut_max_images``, ``max_shortcut_rate``).
+        predict: the champion's calibrated prediction function.
+        index: the prepared shards.
+        rows: the manifest.
+        classes: the class names, in the model's order.
+
     Returns:
         The check's result with ``applicable`` (and ``reason`` when it is not).
     """
@@ -144,7 +151,12 @@ def shortcut_report(params: Params, predict: PredictProba, index: sh.ShardIndex,
 
 
 def non_leaf_inputs(params: Params, size: int) -> tuple[list[Any], list[Any]]:
-    """``(generated non-leaf images, non-leaf photos)`` at least 224 px, deterministic for ``data.seed``."""
+    """``(generated non-leaf images, non-leaf photos)`` at least 224 px, deterministic for ``data.seed``.
+
+    Args:
+        params: the run's parameters.
+        size: the model's input size.
+    """
     side = max(size, 224)
     return (rob.non_leaf_images(n=60, size=side, seed=params.data.seed),
             rob.non_leaf_photos(n=12, size=side, seed=params.data.seed))
@@ -184,7 +196,13 @@ def non_leaf_report(model: Any, spec: InputSpec, calib: CalibrationResult, detec
 
 
 def ood_histogram(ood_result: OODResult, non_leaf: Mapping[str, Any], path: Path) -> Path:
-    """The OOD scores of leaves and non-leaves against the threshold, as a PNG at ``path``."""
+    """The OOD scores of leaves and non-leaves against the threshold, as a PNG at ``path``.
+
+    Args:
+        ood_result: the champion's OOD result (validation and test scores, threshold).
+        non_leaf: the non-leaf report (its ``scores`` and ``photo_scores``).
+        path: the PNG to write.
+    """
     groups = {"validation leaves": np.asarray(ood_result.val_scores),
               "test leaves": np.asarray(ood_result.test_scores),
               "generated non-leaves": np.asarray(non_leaf.get("scores", [])),

@@ -128,7 +128,13 @@ def bundle_metrics(report: Mapping[str, Any], n_test: int) -> dict[str, Any]:
 
 def bundle_calibration(params: Params, calib: CalibrationResult,
                        ood_report: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The bundle's ``calibration``: temperature, abstain threshold, target precision, OOD threshold."""
+    """The bundle's ``calibration``: temperature, abstain threshold, target precision, OOD threshold.
+
+    Args:
+        params: the run's parameters (``calibration.target_precision``).
+        calib: the champion's calibration.
+        ood_report: the report's ``ood`` section (``None``: no OOD rule).
+    """
     out: dict[str, Any] = {"temperature": calib.temperature, "abstain_threshold": calib.abstain_threshold,
                            "target_precision": params.calibration.target_precision}
     if ood_report:

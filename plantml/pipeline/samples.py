@@ -111,7 +111,12 @@ def pil_image(pixels: np.ndarray) -> Any:
 
 
 def sample_image(sample: sh.Sample, size: int) -> Any:
-    """A sample as a PIL image: its original photo (shrunk) when the shard kept it, else its pixels."""
+    """A sample as a PIL image: its original photo (shrunk) when the shard kept it, else its pixels.
+
+    Args:
+        sample: a shard sample.
+        size: the model's input size (originals are shrunk to twice that).
+    """
     return shrink_original(sample.original, size) if sample.original else pil_image(sample.pixels)
 
 
@@ -130,7 +135,12 @@ def domains_of(keys: Sequence[str], rows: Sequence[ManifestRow]) -> np.ndarray:
 
 
 def batched(items: Iterable[Any], size: int = 64) -> Iterator[list[Any]]:
-    """``items`` in lists of ``size`` (the last one shorter)."""
+    """``items`` in lists of ``size`` (the last one shorter).
+
+    Args:
+        items: any iterable.
+        size: the batch size.
+    """
     batch: list[Any] = []
     for item in items:
         batch.append(item)

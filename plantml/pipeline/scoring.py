@@ -56,7 +56,13 @@ def torch_proba(model: Any, spec: InputSpec, temperature: float = 1.0) -> Predic
 
 
 def torch_logits(model: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """The logits of a torch model over a normalised batch ``x``, run ``batch_size`` images at a time."""
+    """The logits of a torch model over a normalised batch ``x``, run ``batch_size`` images at a time.
+
+    Args:
+        model: a torch classifier.
+        x: normalised images ``[N, 3, H, W]``.
+        batch_size: images per forward pass.
+    """
     import torch
 
     with torch.inference_mode():

@@ -37,6 +37,12 @@ def log_bundle_model(bundle_path: str | os.PathLike[str], *, run_id: str | None,
                      name: str = "model") -> Any:
     """Log a bundle as an MLflow model (``python_function`` + ``onnx`` flavors); no registration.
 
+    Args:
+        bundle_path: the exported bundle directory.
+        run_id: the run the logged model is linked to.
+        tracking_uri: overrides the default store.
+        name: the logged model's name.
+
     Returns:
         MLflow's ``ModelInfo`` (``model_uri`` is ``models:/m-...``, ``model_id``).
     """
@@ -105,6 +111,11 @@ def fetch_bundle(model_uri: str, dst_dir: str | os.PathLike[str], tracking_uri: 
 
     Works for pyfunc versions (the bundle is the model's ``bundle`` artifact) and for older
     versions registered as a bare bundle directory.
+
+    Args:
+        model_uri: the registry URI.
+        dst_dir: where to download it.
+        tracking_uri: overrides the default store.
 
     Returns:
         The local bundle directory (verify it with :func:`plantml.bundle.load_bundle`).

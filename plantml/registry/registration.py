@@ -117,7 +117,14 @@ def _new_version(client: Any, bundle_path: Path, model_name: str, digest: str, r
 
 def find_registered_version(model_name: str, digest: str | None = None, tracking_uri: str | None = None,
                             registration_key: str | None = None) -> Any:
-    """The oldest version of ``model_name`` tagged ``bundle_sha256=digest`` (or else with that key), or ``None``."""
+    """The oldest version of ``model_name`` tagged ``bundle_sha256=digest`` (or else with that key), or ``None``.
+
+    Args:
+        model_name: registered model name.
+        digest: the bundle's identity (:func:`plantml.registry.bundle_sha256`); wins over the key.
+        tracking_uri: overrides the default store.
+        registration_key: the ``plantml.registration_key`` tag to look for when no digest is given.
+    """
     client = client_for(resolve_tracking_uri(tracking_uri))
     tag, value = (BUNDLE_TAG, digest) if digest else (KEY_TAG, registration_key)
     if not value:
@@ -131,6 +138,10 @@ def domain_metric_items(metrics: Mapping[str, Any], prefix: str = "test_") -> di
 
     e.g. ``test_field_accuracy``, ``test_field_coverage``, ``test_lab_ece``,
     ``shortcut_target_rate``. NaN values (nothing answered) are left out.
+
+    Args:
+        metrics: the bundle's ``metrics`` (``by_domain``, ``shortcut``).
+        prefix: put before each per-domain name.
     """
     out: dict[str, float] = {}
     for domain, m in (metrics.get("by_domain") or {}).items():

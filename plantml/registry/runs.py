@@ -24,7 +24,17 @@ PARENT_TAG = "mlflow.parentRunId"
 
 def start_parent_run(params: Mapping[str, Any], tags: Mapping[str, str], tracking_uri: str | None = None,
                      run_name: str | None = None) -> str:
-    """Create the flow-level MLflow run (children are nested under it); returns its id."""
+    """Create the flow-level MLflow run (children are nested under it).
+
+    Args:
+        params: the resolved parameters (logged flat, ``train.epochs``).
+        tags: run tags (e.g. ``metaflow_run_id``).
+        tracking_uri: overrides the default store.
+        run_name: the run's display name.
+
+    Returns:
+        The run id.
+    """
     import mlflow
 
     setup_mlflow(tracking_uri)
@@ -34,7 +44,13 @@ def start_parent_run(params: Mapping[str, Any], tags: Mapping[str, str], trackin
 
 
 def find_branch_run(parent_run_id: str, name: str, tracking_uri: str | None = None) -> str | None:
-    """The child run of ``parent_run_id`` for branch ``name`` (the oldest, if several), or ``None``."""
+    """The child run of ``parent_run_id`` for branch ``name`` (the oldest, if several), or ``None``.
+
+    Args:
+        parent_run_id: the flow's run.
+        name: the branch (model) name.
+        tracking_uri: overrides the default store.
+    """
     return _find_branch_run(client_for(resolve_tracking_uri(tracking_uri)), parent_run_id, name)
 
 
@@ -61,6 +77,13 @@ def start_branch_run(
     The run is left ``RUNNING``: log epochs into it with :func:`log_epoch_metrics`, and
     complete it with :func:`log_branch_run` (``run_id=`` this id, or found again by name).
     A retried branch gets the same run back (set ``RUNNING`` again).
+
+    Args:
+        parent_run_id: the flow's run.
+        name: the branch (model) name.
+        params: params to log (those the run lacks).
+        tags: run tags.
+        tracking_uri: overrides the default store.
 
     Returns:
         The child run id.
@@ -123,6 +146,18 @@ def log_branch_run(
     whose latest value is unchanged is not logged again, artifacts overwrite their earlier
     copies. The run ends ``FINISHED``.
 
+    Args:
+        parent_run_id: the flow's run.
+        name: the branch (model) name.
+        params: params to log (nested dicts are flattened).
+        history: per-epoch rows (``epoch`` plus metrics).
+        metrics: test metrics (non-numbers are skipped).
+        artifacts: PNGs logged under ``plots/``.
+        checkpoint_path: the weights, logged under ``model/`` (``None``: not logged).
+        tags: run tags.
+        tracking_uri: overrides the default store.
+        run_id: the branch's run, when known (else found by name, or created).
+
     Returns:
         The child run id.
     """
@@ -149,7 +184,14 @@ def log_branch_run(
 
 def finish_parent_run(parent_run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str],
                       tracking_uri: str | None = None) -> None:
-    """Record the flow's outcome on its parent run."""
+    """Record the flow's outcome on its parent run.
+
+    Args:
+        parent_run_id: the flow's run.
+        metrics: numbers to log (``None`` values are skipped).
+        tags: tags to set.
+        tracking_uri: overrides the default store.
+    """
     import mlflow
 
     setup_mlflow(tracking_uri)
@@ -159,6 +201,7 @@ def finish_parent_run(parent_run_id: str, metrics: Mapping[str, float], tags: Ma
 
 
 def get_or_create_branch_run(client: Any, parent_run_id: str, name: str, tags: Mapping[str, str]) -> str:
+    """The child run of branch ``name`` under ``parent_run_id``: the existing one, or a new one with ``tags``."""
     existing = _find_branch_run(client, parent_run_id, name)
     if existing is not None:
         log.info("reusing MLflow child run %s for %s", existing, name)

@@ -33,6 +33,10 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
 def setup_mlflow(configured_uri: str | None = None, experiment: str = EXPERIMENT_NAME) -> str:
     """Point mlflow at the store and select (creating if needed) the experiment.
 
+    Args:
+        configured_uri: an explicit store (see :func:`resolve_tracking_uri`).
+        experiment: the experiment's name.
+
     Returns:
         The experiment id.
     """

@@ -39,7 +39,7 @@ lock:  ## refresh constraints.txt from a fresh resolution of '.[all]'
 	  print("\n".join(f"{n}=={v}" for n, v in pins))' $(LOCK_REPORT) > $(CONSTRAINTS)
 	rm -f $(LOCK_REPORT)
 
-schema: $(STAMP)  ## regenerate params.schema.json from plantml/config.py
+schema: $(STAMP)  ## regenerate params.schema.json from plantml/config/
 	$(PY) -m plantml.cli schema --out params.schema.json
 
 run: $(STAMP)  ## train on the built-in demo data (or DATA_DIR=path), export the champion bundle

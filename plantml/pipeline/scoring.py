@@ -91,7 +91,7 @@ def score_split(model: Any, index: sh.ShardIndex, split: str, spec: InputSpec, d
     """
     import torch
 
-    from plantml.loader import iterate_split
+    from plantml.loader import iterate_split  # torch at import: see the module docstring
 
     logits, labels, scores, keys = [], [], [], []
     model = model.eval()
@@ -124,7 +124,7 @@ def fit_detector(params: Params, model: Any, index: sh.ShardIndex, spec: InputSp
     """
     import torch
 
-    from plantml.loader import to_model_input
+    from plantml.loader import to_model_input  # torch at import: see the module docstring
 
     c = params.calibration
     samples = subset_samples(index, "train", c.ood_max_fit_images, params.data.seed)

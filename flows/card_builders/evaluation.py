@@ -6,7 +6,7 @@ from typing import Any, Mapping, Sequence
 
 from metaflow.cards import Markdown, Table, VegaChart
 
-from flows.cards.common import banner, fmt, image_or_note
+from flows.card_builders.common import banner, fmt, image_or_note
 
 
 def per_class_spec(per_class: Sequence[Mapping[str, Any]], model_name: str) -> dict[str, Any]:

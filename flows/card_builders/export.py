@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 from metaflow.cards import Markdown, Table
 
-from flows.cards.common import banner, fmt
+from flows.card_builders.common import banner, fmt
 
 
 def export_card(bundle_path: str, metadata: Mapping[str, Any], registered: Mapping[str, Any] | None,

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 
 from metaflow.cards import Markdown, Table, VegaChart
 
-from flows.cards.common import banner, fmt, image_or_note
+from flows.card_builders.common import banner, fmt, image_or_note
 
 
 def prepare_card(summary: Mapping[str, Any], class_chart: str | None) -> list[Any]:

@@ -39,6 +39,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from plantml.model_card import read_model_card
 from plantml.preprocess import top_k
 
+from serving.fastjson import use_fast_json
 from serving.metrics import REQUEST_BUCKETS, ServingMetrics
 from serving.oip import oip_blueprint
 from serving.predictor import (ModelLoadError, Predictor, build_predictor, set_worker_load_error, worker_load_error,
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
+    use_fast_json(app)
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
     registry = CollectorRegistry(auto_describe=True)

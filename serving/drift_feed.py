@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import queue
+import random
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +54,7 @@ class DriftFeed:
         backups: int = 5,
         queue_size: int = 1024,
         on_drop: Callable[[], None] | None = None,
+        sample_rate: float = 1.0,
     ) -> None:
         """Open (create) the feed and start its writer thread.
 
@@ -63,6 +65,7 @@ class DriftFeed:
             backups: rotated files kept (``PATH.1`` newest).
             queue_size: records buffered before new ones are dropped.
             on_drop: called for each dropped record (a metrics counter).
+            sample_rate: share of predictions that get a record (:meth:`sampled`); 1 = all.
         """
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,6 +75,7 @@ class DriftFeed:
         self.max_bytes = max(1, int(max_bytes))
         self.backups = max(0, int(backups))
         self.on_drop = on_drop
+        self.sample_rate = min(1.0, float(sample_rate))
         self.written = 0
         self.dropped = 0
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
@@ -79,6 +83,15 @@ class DriftFeed:
         self._closed = False
         self._thread.start()
         atexit.register(self.close)
+
+    def sampled(self) -> bool:
+        """Whether the next prediction goes to the feed (a uniform random draw at ``sample_rate``).
+
+        Asked *before* the image is decoded, so that an unsampled prediction costs neither
+        the thumbnail nor the statistics. A uniform sample keeps every column's
+        distribution what it would be with all records, which is what the drift job compares.
+        """
+        return self.sample_rate >= 1.0 or random.random() < self.sample_rate
 
     def submit(self, image: Image.Image, label: str, confidence: float, abstained: bool,
                size: tuple[int, int] | None = None) -> bool:

@@ -77,7 +77,7 @@ class ServiceState:
             self.drift = DriftFeed(
                 self.settings.drift_log, model_name=predictor.name, model_version=predictor.version,
                 max_bytes=int(self.settings.drift_log_max_mb * 1024 * 1024), backups=self.settings.drift_log_backups,
-                on_drop=self.metrics.drift_dropped.inc,
+                on_drop=self.metrics.drift_dropped.inc, sample_rate=self.settings.drift_sample_rate,
             )
 
     def require_predictor(self) -> Predictor:
@@ -132,6 +132,7 @@ def prepare_image(state: ServiceState, spec: Any, data: bytes, label: str, budge
                           f"{label}: the request's images add up to more than "
                           f"{state.settings.max_request_megapixels:g} megapixels (PLANTML_MAX_REQUEST_MEGAPIXELS); "
                           "send fewer or smaller images per request")
+    for_drift = state.drift is not None and state.drift.sampled()
     with state.gate.reserve(pixels):
         try:
             rgb = finish_decode(img)  # may be ``img`` itself (an upright RGB file)
@@ -140,7 +141,7 @@ def prepare_image(state: ServiceState, spec: Any, data: bytes, label: str, budge
         del img
         tensor = preprocess_image(rgb, spec)
         size = rgb.size
-        thumbnail = shrink_for_stats(rgb) if state.drift is not None else None
+        thumbnail = shrink_for_stats(rgb) if for_drift else None
         del rgb
     return PreparedImage(tensor=tensor, size=size, thumbnail=thumbnail)
 

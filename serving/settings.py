@@ -37,6 +37,7 @@ PLANTML_ACCESS_LOG          true                gunicorn access log on stdout (t
 PLANTML_DRIFT_LOG           (unset = off)       JSON-lines drift feed (rotated by size)
 PLANTML_DRIFT_LOG_MAX_MB    50                  rotate the drift feed above this size
 PLANTML_DRIFT_LOG_BACKUPS   5                   rotated drift files kept
+PLANTML_DRIFT_SAMPLE_RATE   1                   share of predictions written to the drift feed (0 < r <= 1)
 PLANTML_DRIFT_SUMMARY       (unset)             drift job's JSON summary, exported as gauges
 PROMETHEUS_MULTIPROC_DIR    (set by gunicorn.conf.py) metrics directory shared by workers
 =========================== =================== ==============================================
@@ -156,6 +157,7 @@ class Settings:
     drift_log: Path | None = None
     drift_log_max_mb: float = 50.0
     drift_log_backups: int = 5
+    drift_sample_rate: float = 1.0
     drift_summary: Path | None = None
     prometheus_multiproc_dir: Path | None = None
 
@@ -272,6 +274,7 @@ class Settings:
             "drift_log": ("PLANTML_DRIFT_LOG", _path),
             "drift_log_max_mb": ("PLANTML_DRIFT_LOG_MAX_MB", lambda n, r: _float(n, r, 0.001, 100_000)),
             "drift_log_backups": ("PLANTML_DRIFT_LOG_BACKUPS", lambda n, r: _int(n, r, 0, 1000)),
+            "drift_sample_rate": ("PLANTML_DRIFT_SAMPLE_RATE", lambda n, r: _float(n, r, 0.0001, 1.0)),
             "drift_summary": ("PLANTML_DRIFT_SUMMARY", _path),
             "prometheus_multiproc_dir": ("PROMETHEUS_MULTIPROC_DIR", _path),
         }

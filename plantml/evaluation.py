@@ -235,16 +235,11 @@ def _short(name: str) -> str:
 
 
 def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str) -> Path:
-    """Row-normalised confusion matrix with counts.
+    """Row-normalised confusion matrix with counts, written as a PNG to ``path`` (returned).
 
     Args:
-        cm: the confusion matrix (rows: true class).
-        classes: class names.
-        path: the PNG to write.
-        title: the plot's title.
-
-    Returns:
-        ``path``.
+        cm: the confusion matrix (rows: true class), labelled by ``classes`` on both axes.
+        title: shown above the matrix.
     """
     plt = pyplot()
     cm = np.asarray(cm)

@@ -33,6 +33,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from serving.settings import Settings, SettingsError
@@ -143,8 +144,34 @@ def post_fork(server, worker):
 
 
 def post_worker_init(worker):
-    """Worker, ready to serve: make SIGTERM close idle keep-alive connections at once."""
+    """Worker, ready to serve: make SIGTERM close idle keep-alive connections at once; a cheaper heartbeat."""
     _reap_idle_connections_on_shutdown(worker)
+    _throttle_heartbeat(worker)
+
+
+#: Seconds between two heartbeats of a worker (gunicorn's default: one per main-loop turn).
+HEARTBEAT_EVERY_S = 1.0
+
+
+def _throttle_heartbeat(worker, every=HEARTBEAT_EVERY_S):
+    """gunicorn's gthread loop tells the master it is alive on *every* turn (a ``utime`` of
+    its heartbeat file), i.e. about once per request under load: 4-6 % of a busy worker's
+    samples in the issue-16 profile (docs/serving.md). Once a second is plenty against a
+    ``PLANTML_TIMEOUT`` of tens of seconds; a worker that stops turning still stops
+    beating and is killed after the same timeout.
+    """
+    notify = getattr(worker, "notify", None)
+    if notify is None:
+        return
+    last = [float("-inf")]
+
+    def notify_at_most_every():
+        now = time.monotonic()
+        if now - last[0] >= every:
+            last[0] = now
+            notify()
+
+    worker.notify = notify_at_most_every
 
 
 def _reap_idle_connections_on_shutdown(worker):

@@ -9,7 +9,8 @@ the session the service runs, not a look-alike.
 Four jobs, one small function or class each:
 
 * **choose** a runtime for a bundle and precision (:func:`choose_runtime`): the one asked
-  for, else the first installed one in :data:`RUNTIMES` order that the bundle has a model for;
+  for, else the first installed one in :data:`AUTO_PREFERENCE` order for that precision that
+  the bundle has a model for;
 * **open** a session with the service's settings (:class:`SessionOptions`,
   :func:`open_session`): ONNX Runtime sequential, full graph optimisation, no spinning
   worker threads; OpenVINO one stream, latency hint, ``INFERENCE_PRECISION_HINT=f32``;
@@ -41,9 +42,14 @@ if TYPE_CHECKING:  # type hints only: the bundle module needs no runtime
 
 log = logging.getLogger(__name__)
 
-#: The runtimes, in the order preferred when none is named: OpenVINO is the faster CPU runtime here.
 RUNTIMES = ("openvino", "onnxruntime")
 PRECISIONS = ("fp32", "int8")
+#: The order ``auto`` tries the runtimes in, per precision, chosen by measurement
+#: (docs/benchmarks.md sections 3 and 4, docs/serving.md): for FP32, ONNX Runtime was faster on
+#: both CPUs measured (AVX2 edge 7.4 vs 10.3 ms, service 113-130 vs 90-96 req/s; on an AVX-512
+#: VNNI machine the service's OpenVINO FP32 peaked at 125 req/s against ~230 for the rest);
+#: for INT8, OpenVINO was the faster edge runtime (6.2-6.5 vs 6.8 ms).
+AUTO_PREFERENCE = {"fp32": ("onnxruntime", "openvino"), "int8": ("openvino", "onnxruntime")}
 
 Outputs = list[np.ndarray]
 
@@ -91,7 +97,8 @@ def choose_runtime(bundle: "Bundle", precision: str, runtime: str | None = None)
     Args:
         bundle: the loaded bundle (its ``available()`` pairs say what it holds).
         precision: ``"fp32"`` or ``"int8"``.
-        runtime: ``"openvino"``, ``"onnxruntime"``, or ``None``/``"auto"`` for the best available.
+        runtime: ``"openvino"``, ``"onnxruntime"``, or ``None``/``"auto"`` for the first installed one
+            in :data:`AUTO_PREFERENCE` order for ``precision`` that the bundle has.
 
     Raises:
         InferenceError: unknown runtime, runtime not installed, or no model at that precision.
@@ -106,7 +113,7 @@ def choose_runtime(bundle: "Bundle", precision: str, runtime: str | None = None)
         if (runtime, precision) not in have:
             raise InferenceError(f"bundle has no {runtime} {precision} model (available: {_fmt(have)})")
         return runtime
-    for candidate in RUNTIMES:
+    for candidate in AUTO_PREFERENCE.get(precision, RUNTIMES):
         if (candidate, precision) in have and runtime_installed(candidate):
             return candidate
     raise InferenceError(

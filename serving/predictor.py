@@ -5,9 +5,9 @@ One :class:`Predictor` lives in each gunicorn worker. It is built *after* the fo
 native state that must not be shared across a fork, and building per worker lets each
 use ``cores // workers`` threads instead of every worker grabbing every core.
 
-The runtime is chosen by setting: ``auto`` prefers OpenVINO (fastest on x86 CPUs) when
-the bundle has the requested precision for it and the package imports, else ONNX
-Runtime. ``int8`` serves the bundle's INT8 file for that runtime (written by
+The runtime is chosen by setting: ``auto`` takes ONNX Runtime first for FP32 and OpenVINO
+first for INT8 (the faster of the two in the benchmarks; :data:`plantml.runtime.AUTO_PREFERENCE`),
+when the bundle has that precision for it and the package imports, else the other. ``int8`` serves the bundle's INT8 file for that runtime (written by
 :mod:`plantml.quantize`) and is refused with a clear error if the bundle has none.
 OpenVINO always runs with ``INFERENCE_PRECISION_HINT=f32``: on CPUs with AVX-512 BF16
 its default would run the float parts in bfloat16, which is not the model that passed

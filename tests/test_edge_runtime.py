@@ -50,8 +50,9 @@ def test_every_runtime_and_precision_classifies_the_leaves(bundle, runtime, prec
         assert 0.5 < p["confidence"] <= 1.0 and p["abstained"] is False
 
 
-def test_default_runtime_is_openvino_when_available(bundle):
-    assert EdgeModel(bundle).runtime == "openvino"
+def test_default_runtime_follows_the_measured_preference(bundle):
+    """``auto``: ONNX Runtime for FP32, OpenVINO for INT8 (plantml.runtime.AUTO_PREFERENCE)."""
+    assert EdgeModel(bundle).runtime == "onnxruntime"
     assert EdgeModel(bundle, precision="int8").runtime == "openvino"
 
 

@@ -98,7 +98,7 @@ def test_ready_predict_and_counters_sum_across_workers(served):
         assert metric(s, "flask_http_request_duration_seconds_count", endpoint="predict", status="200") == sent
         info = [(k, v) for k, v in s.items() if k[0] == "plantml_model_info"]
         assert len(info) == 1 and info[0][1] == 1.0, info  # one series, not one per worker
-        assert dict(info[0][0][1]) == {"name": "tiny-test-model", "version": "1", "runtime": "openvino",
+        assert dict(info[0][0][1]) == {"name": "tiny-test-model", "version": "1", "runtime": "onnxruntime",
                                        "precision": "fp32"}
 
 

@@ -138,13 +138,13 @@ def test_settings_need_exactly_one_model_source():
 # --------------------------------------------------------------------------- predictor
 
 
-def test_runtimes_agree_and_auto_prefers_openvino(tiny_bundle):
+def test_runtimes_agree_and_auto_prefers_onnxruntime_for_fp32(tiny_bundle):
     from plantml.preprocess import decode_image
 
     ov = build_predictor(Settings(bundle=tiny_bundle, runtime="openvino"))
     ort = build_predictor(Settings(bundle=tiny_bundle, runtime="onnxruntime"))
     auto = build_predictor(Settings(bundle=tiny_bundle))
-    assert (ov.runtime, ort.runtime, auto.runtime) == ("openvino", "onnxruntime", "openvino")
+    assert (ov.runtime, ort.runtime, auto.runtime) == ("openvino", "onnxruntime", "onnxruntime")
     images = [decode_image(leaf(label, seed=i)) for i, label in enumerate(LABELS)]
     p_ov, p_ort = ov.predict_images(images).probabilities, ort.predict_images(images).probabilities
     assert p_ov.shape == (3, 3)
@@ -192,7 +192,7 @@ def test_predict_single_has_new_and_legacy_fields(client):
     assert p["label"] == "Tomato___healthy" and p["abstained"] is False and p["filename"] == "leaf.jpg"
     assert [t["label"] for t in p["top_k"]][0] == "Tomato___healthy" and len(p["top_k"]) == 3
     assert abs(sum(t["confidence"] for t in p["top_k"]) - 1) < 1e-4
-    assert body["model"] == {"name": "tiny-test-model", "version": "1", "runtime": "openvino", "precision": "fp32"}
+    assert body["model"] == {"name": "tiny-test-model", "version": "1", "runtime": "onnxruntime", "precision": "fp32"}
     # the predecessor FastAPI service's fields
     assert body["prediction"] == p["label"] and body["confidence"] == p["confidence"]
     assert body["top5_predictions"][0] == {"class": "Tomato___healthy", "confidence": p["confidence"]}
@@ -279,7 +279,7 @@ def test_health_ready_classes_model(client, tiny_bundle):
     for path in ("/model", "/model/info"):
         meta = client.get(path).body
         assert meta["name"] == "tiny-test-model" and meta["classes"] == LABELS and "input" in meta
-        assert meta["serving"]["runtime"] == "openvino" and meta["serving"]["source"] == "bundle"
+        assert meta["serving"]["runtime"] == "onnxruntime" and meta["serving"]["source"] == "bundle"
         # issue 13 #10: how the model was made (host paths, params, run ids, file hashes) is not public
         assert not {"lineage", "params", "files"} & set(meta), sorted(meta)
         assert str(tiny_bundle) not in json.dumps(meta)
@@ -312,7 +312,7 @@ def test_metrics_names_and_labels(client, tmp_path):
     assert metric(s, "plantml_prediction_confidence_count") == 3
     assert metric(s, "plantml_inference_seconds_count") == 2  # one forward pass per request
     assert metric(s, "plantml_rejected_inputs_total", reason="not_image") == 1
-    assert metric(s, "plantml_model_info", name="tiny-test-model", version="1", runtime="openvino",
+    assert metric(s, "plantml_model_info", name="tiny-test-model", version="1", runtime="onnxruntime",
                   precision="fp32") == 1
     assert metric(s, "flask_http_request_total", method="POST", status="200") == 2
     assert metric(s, "flask_http_request_total", method="POST", status="400") == 1

@@ -7,8 +7,9 @@ use ``cores // workers`` threads instead of every worker grabbing every core.
 
 The runtime is chosen by setting: ``auto`` takes ONNX Runtime first for FP32 and OpenVINO
 first for INT8 (the faster of the two in the benchmarks; :data:`plantml.runtime.AUTO_PREFERENCE`),
-when the bundle has that precision for it and the package imports, else the other. ``int8`` serves the bundle's INT8 file for that runtime (written by
-:mod:`plantml.quantize`) and is refused with a clear error if the bundle has none.
+when the bundle has that precision for it and the package imports, else the other.
+``int8`` serves the bundle's INT8 file for that runtime (written by :mod:`plantml.quantize`)
+and is refused with a clear error if the bundle has none.
 OpenVINO always runs with ``INFERENCE_PRECISION_HINT=f32``: on CPUs with AVX-512 BF16
 its default would run the float parts in bfloat16, which is not the model that passed
 the accuracy gates.

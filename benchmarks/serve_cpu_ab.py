@@ -26,22 +26,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-BUNDLE = Path(os.environ.get("AB_BUNDLE", "/work/main/artifacts/real-sample/bundle"))
-IMAGES = Path(os.environ.get("AB_IMAGES", "/work/shared/data/plantvillage-mini"))
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # run as a script: benchmarks.* from the repository root
+
+from benchmarks.ab_cpu_per_request import cpu_seconds  # noqa: E402 - after the path insert
+
+BUNDLE = Path(os.environ.get("AB_BUNDLE", REPO_ROOT / "artifacts" / "real-sample" / "bundle"))
+IMAGES = Path(os.environ.get("AB_IMAGES", REPO_ROOT.parent / "shared" / "data" / "plantvillage-mini"))
 MODE = os.environ.get("MODE", "raw")
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds of these processes so far."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / TICK
 
 
 def harness_of(tree: str):

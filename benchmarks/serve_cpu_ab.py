@@ -87,6 +87,10 @@ def one_round(tree: str, extra: dict[str, str], runtime: str, n: int,
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) < 3 or not all(a.isdigit() for a in argv[:2]) or not Path(argv[2]).is_file():
+        print("usage: serve_cpu_ab.py ROUNDS REQUESTS VARIANTS.json [RUNTIMES]  (see the module docstring)",
+              file=sys.stderr)
+        return 2
     rounds, n = int(argv[0]), int(argv[1])
     variants = json.loads(Path(argv[2]).read_text())
     runtimes = argv[3].split(",") if len(argv) > 3 else ["onnxruntime"]

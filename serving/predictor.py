@@ -5,9 +5,8 @@ One :class:`Predictor` lives in each gunicorn worker. It is built *after* the fo
 native state that must not be shared across a fork, and building per worker lets each
 use ``cores // workers`` threads instead of every worker grabbing every core.
 
-The runtime is chosen by setting: ``auto`` takes ONNX Runtime first for FP32 and OpenVINO
-first for INT8 (the faster of the two in the benchmarks; :data:`plantml.runtime.AUTO_PREFERENCE`),
-when the bundle has that precision for it and the package imports, else the other.
+The runtime is chosen by setting: ``auto`` takes the measured faster one that the bundle has
+and that imports (:data:`plantml.runtime.AUTO_PREFERENCE`: ONNX Runtime for FP32, OpenVINO for INT8).
 ``int8`` serves the bundle's INT8 file for that runtime (written by :mod:`plantml.quantize`)
 and is refused with a clear error if the bundle has none.
 OpenVINO always runs with ``INFERENCE_PRECISION_HINT=f32``: on CPUs with AVX-512 BF16

@@ -72,3 +72,29 @@ def test_shared_runtime_imports_light():
             f"bad=[m for m in {heavy!r} if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+#: One job per module (issue 15): the size limits the product code is held to.
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+PRODUCT_DIRS = ("plantml", "serving", "edge", "flows", "benchmarks", "scripts")
+
+
+def _oversized(path: Path) -> list[str]:
+    """``path`` itself if over the module limit, and each function in it over the function limit."""
+    source = path.read_text()
+    found = [f"{path} ({source.count(chr(10))} lines)"] if source.count("\n") > MAX_MODULE_LINES else []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            if length > MAX_FUNCTION_LINES:
+                found.append(f"{path}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_modules_and_functions_stay_small():
+    """No product module over 400 lines, no function over 60 (def line to last line, docstring included)."""
+    files = [p for d in PRODUCT_DIRS for p in sorted((REPO_ROOT / d).rglob("*.py"))]
+    assert len(files) > 50
+    oversized = [item for p in files for item in _oversized(p)]
+    assert not oversized, "split these (docs/architecture.md):\n" + "\n".join(oversized)

@@ -42,7 +42,9 @@ def create_app(weights: str | None = None, arch: str | None = None, num_classes:
     if os.environ.get("BASELINE_TORCH_THREADS"):
         torch.set_num_threads(int(os.environ["BASELINE_TORCH_THREADS"]))
     model = create_model(arch, num_classes, pretrained=False, image_size=size)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    saved = torch.load(weights, map_location="cpu", weights_only=True)
+    # The flow's model.pt is a checkpoint dict (state_dict, arch, classes, ...); a bare state dict works too.
+    model.load_state_dict(saved["state_dict"] if "state_dict" in saved else saved)
     model.eval()
     transform = transforms.Compose([
         transforms.Resize(size),

@@ -15,7 +15,6 @@ Not part of the product; targets 127.0.0.1 only.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import statistics
@@ -29,21 +28,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run as a script: benchmarks.* from the repository root
 
-from benchmarks.ab_cpu_per_request import cpu_seconds  # noqa: E402 - after the path insert
+from benchmarks.ab_cpu_per_request import cpu_seconds, harness_of  # noqa: E402 - after the path insert
 
 BUNDLE = Path(os.environ.get("AB_BUNDLE", REPO_ROOT / "artifacts" / "real-sample" / "bundle"))
 IMAGES = Path(os.environ.get("AB_IMAGES", REPO_ROOT.parent / "shared" / "data" / "plantvillage-mini"))
 MODE = os.environ.get("MODE", "raw")
-
-
-def harness_of(tree: str):
-    """The tree's own ``benchmarks/serve_harness.py`` (so each variant serves its own code)."""
-    spec = importlib.util.spec_from_file_location(f"harness_{Path(tree).name}", f"{tree}/benchmarks/serve_harness.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, tree)
-    spec.loader.exec_module(module)
-    sys.path.pop(0)
-    return module
 
 
 def poster(url: str, bodies: list[bytes]):
@@ -65,7 +54,7 @@ def poster(url: str, bodies: list[bytes]):
 def one_round(tree: str, extra: dict[str, str], runtime: str, n: int,
               bodies: list[bytes]) -> tuple[float, float, float]:
     """CPU ms per request, wall req/s and the largest worker RSS (MB) of one served variant."""
-    harness = harness_of(tree)
+    harness = harness_of(Path(tree), Path(tree).name)
     tmp = Path(tempfile.mkdtemp())
     server = harness.our_server(runtime, "fp32", BUNDLE, int(extra.get("PLANTML_WORKERS", 2)), tmp)
     server.env.update({k: v.replace("TMP", str(tmp)) for k, v in extra.items()})

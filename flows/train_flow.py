@@ -1,4 +1,4 @@
-"""PlantDiseaseFlow: prepare -> train (CNN and ViT in parallel) -> evaluate -> export.
+"""PlantDiseaseFlow: prepare -> train (CNN and ViT in parallel) -> evaluate -> distill -> export.
 
 Usage (inside the environment; ``make run`` creates it and runs the first line)::
 
@@ -7,6 +7,7 @@ Usage (inside the environment; ``make run`` creates it and runs the first line):
     python flows/train_flow.py run --set "train.epochs=3 train.image_size=128"
     python flows/train_flow.py resume                               # after a failed step
     python flows/train_flow.py card view evaluate                   # the report
+    python flows/train_flow.py card view distill                    # the edge student
     mlflow ui --backend-store-uri sqlite:///mlflow.db               # runs + registry
 
 Every parameter comes from ``params.yaml`` (``--params`` picks another file, ``--set``
@@ -17,7 +18,9 @@ Steps share nothing but the datastore. ``prepare`` decodes the data once into
 WebDataset shards in the run's *store* (beside the Metaflow datastore: a folder of the
 local datastore, or S3 with ``--datastore s3``); training streams them and writes a
 checkpoint there after every epoch (a retried or resumed branch continues from it);
-evaluate publishes the OOD detector there; the trained weights travel as artifacts. So
+evaluate publishes the OOD detector there; the trained weights travel as artifacts. ``distill``
+trains the edge student (the champion distilled to a lower resolution, ``student`` in
+params.yaml); ``export`` ships it in the bundle's ``student/`` only if it passes its gate. So
 ``resume`` from any step and remote execution (``--with kubernetes``, Argo) work without
 a shared disk::
 
@@ -62,8 +65,8 @@ from plantml.config import load_params, params_from_dict, parse_override  # noqa
 from plantml.distributed import (NodeGroup, configured_nodes, images_per_epoch, rendezvous_port,  # noqa: E402
                                  train_on_node)
 from plantml.evaluation import plot_training_curves  # noqa: E402
-from plantml.pipeline import (enforce_quality_gates, evaluate_models, export_champion, prepare,  # noqa: E402
-                              publish_latest_evaluation, repo_path, train_branch)
+from plantml.pipeline import (distill_student, enforce_quality_gates, evaluate_models, export_champion,  # noqa: E402
+                              prepare, publish_latest_evaluation, repo_path, train_branch)
 from plantml.registry import (finish_parent_run, log_branch_run, log_dataset_input, log_epoch_metrics,  # noqa: E402
                               register_bundle, start_branch_run, start_parent_run)
 from plantml.shards import ShardIndex  # noqa: E402
@@ -250,7 +253,7 @@ class PlantDiseaseFlow(FlowSpec):
         for part in cards.evaluate_card(report, self.train_errors):
             current.card.append(part)
         enforce_quality_gates(params, report)  # fails the run here: nothing exported, nothing registered
-        self.next(self.export)
+        self.next(self.distill)
 
     def _checkpoint_files(self, params) -> dict:
         """``{name: model.pt path}``, written from the branches' artifacts where this machine lacks the file."""
@@ -282,11 +285,61 @@ class PlantDiseaseFlow(FlowSpec):
             tracking_uri=params.registry.tracking_uri, run_id=run_id)
 
     @retry(times=1)
+    @resources(**RESOURCES.distill.decorator_kwargs())
+    @card(type="blank")
+    @step
+    def distill(self):
+        """The edge student: the champion distilled to a smaller input, with its own MLflow run (gated in export)."""
+        params = self._params()
+        name = self.champion
+        uri = params.registry.tracking_uri
+        run_id = start_branch_run(self.mlflow_parent_run_id, "student", tracking_uri=uri,
+                                  params={"arch": params.student.arch, "image_size": params.student.image_size,
+                                          "teacher": name},
+                                  tags={"metaflow_run_id": current.run_id, "role": "edge student"})
+        with tempfile.TemporaryDirectory() as tmp:
+            teacher = Path(tmp) / "teacher.pt"
+            teacher.write_bytes(self.checkpoints[name])
+            result = distill_student(params, self.report, self.train_results[name], str(teacher), self._index(),
+                                     repo_path(params.student.out_dir) / current.run_id,
+                                     on_epoch_end=lambda row: log_epoch_metrics(run_id, row, int(row["epoch"]), uri))
+        self.student = result
+        trained = result["status"] == "trained"
+        # The weights and the OOD fit travel as artifacts: export may run on another machine.
+        self.student_checkpoint = Path(result["checkpoint"]).read_bytes() if trained else None
+        ood = result.get("ood") if trained else None
+        self.student_detector = Path(ood["detector"]).read_bytes() if ood else None
+        self.student_mlflow_run_id = log_branch_run(
+            self.mlflow_parent_run_id, "student", params=dict(result.get("settings", {})),
+            history=result.get("history", []),
+            metrics={"test_accuracy": result.get("metrics", {}).get("accuracy"),
+                     "test_macro_f1": result.get("metrics", {}).get("macro_f1"),
+                     "latency_ms": result.get("latency_ms"), "distill_seconds": result.get("distill_seconds")},
+            artifacts=[], checkpoint_path=result.get("checkpoint"),
+            tags={"metaflow_run_id": current.run_id, "status": result["status"], "reason": result["reason"][:250]},
+            tracking_uri=uri, run_id=run_id)
+        for part in cards.distill_card(result, self.summary["is_demo"]):
+            current.card.append(part)
+        self.next(self.export)
+
+    def _student_files(self, tmp: str):
+        """The distill result with its checkpoint and OOD detector written from the artifacts into ``tmp``."""
+        if self.student["status"] != "trained":
+            return self.student
+        student = dict(self.student)
+        student["checkpoint"] = str(Path(tmp) / "student.pt")
+        Path(student["checkpoint"]).write_bytes(self.student_checkpoint)
+        if self.student_detector is not None:
+            student["ood"] = {**student["ood"], "detector": str(Path(tmp) / "student_ood.npz")}
+            Path(student["ood"]["detector"]).write_bytes(self.student_detector)
+        return student
+
+    @retry(times=1)
     @resources(**RESOURCES.export.decorator_kwargs())
     @card(type="blank")
     @step
     def export(self):
-        """Export the champion (ONNX, OpenVINO, INT8 behind its gate), write the bundle, register it."""
+        """Export the champion (ONNX, OpenVINO, INT8 behind its gate) and the student (behind its gate); register."""
         params = self._params()
         name = self.champion
         with tempfile.TemporaryDirectory() as tmp:
@@ -297,7 +350,7 @@ class PlantDiseaseFlow(FlowSpec):
                 lineage={"metaflow_flow": current.flow_name, "metaflow_run_id": current.run_id,
                          "mlflow_run_id": self.mlflow_run_ids[name], "mlflow_parent_run_id": self.mlflow_parent_run_id,
                          "data_manifest_sha256": self.summary["manifest_sha256"], "data_root": self.summary["root"]},
-                data_summary=self.summary)
+                data_summary=self.summary, student=self._student_files(tmp))
         self.bundle_path = str(path)
         self.bundle_metadata = metadata
         self.registered = register_bundle(
@@ -324,6 +377,8 @@ class PlantDiseaseFlow(FlowSpec):
         print(f"champion: {self.champion} test accuracy {champ['accuracy']:.4f} macro-F1 {champ['macro_f1']:.4f}{demo}")
         print(f"registered: {self.registered['model_uri']} (version {self.registered['version']})")
         print(f"bundle: {self.bundle_path}")
+        student = self.bundle_metadata.get("student", {})
+        print(f"edge student: {'kept' if student.get('kept') else 'not in the bundle'} ({student.get('reason')})")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ A bundle is a directory::
         openvino/model.xml|bin # OpenVINO IR FP32
         openvino_int8/...      # OpenVINO NNCF INT8 (if it passed the gate)
         reference_stats.parquet / .csv  # drift reference (optional)
+        student/               # the edge student (optional): a bundle of its own, see below
 
 ``metadata.json`` keys: ``schema_version``, ``name``, ``version``, ``architecture``,
 ``classes`` (ordered as the model's outputs), ``input`` (:class:`InputSpec`), ``files``
@@ -21,6 +22,10 @@ A bundle is a directory::
 
 Bundles are written atomically by :class:`BundleWriter` (a hidden temporary directory
 renamed into place), and :func:`load_bundle` verifies every file's sha256.
+
+An optional edge student (:mod:`plantml.pipeline.student_export`) is a bundle of its own in
+``student/``; the top-level ``files`` list holds only the champion's, and the ``student``
+block (kept or not, why) pins ``student/metadata.json`` by sha256 (:func:`load_student_bundle`).
 
 A bundle may come from a registry that others can write to, so loading trusts nothing
 in it: every listed path must be relative, free of ``..`` and of symbolic links, and
@@ -48,6 +53,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 METADATA_FILE = "metadata.json"
+#: The edge student's sub-bundle folder.
+STUDENT_DIR = "student"
 REQUIRED_KEYS = (
     "schema_version", "name", "version", "architecture", "classes", "input", "files",
     "metrics", "calibration", "lineage",
@@ -280,6 +287,27 @@ def load_bundle(root: str | os.PathLike[str], verify: bool = True,
     if verify:
         verify_files(bundle)
     return bundle
+
+
+def student_block(root: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``student`` block of a bundle's ``metadata.json`` when it ships a student (``kept``), else ``None``."""
+    block = load_bundle(root, verify=False).metadata.get("student")
+    return dict(block) if isinstance(block, Mapping) and block.get("kept") else None
+
+
+def load_student_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
+    """The edge student of the bundle at ``root``, loaded through the sha256 its parent pins.
+
+    Raises:
+        BundleError: no student (the message carries the recorded reason), a digest mismatch, a bad file.
+    """
+    parent = load_bundle(root, verify=False)
+    block = parent.metadata.get("student")
+    if not isinstance(block, Mapping) or not block.get("kept"):
+        why = block.get("reason") if isinstance(block, Mapping) else "it was exported without one"
+        raise BundleError(f"bundle {parent.root} has no edge student ({why}); use --model champion")
+    sub = contained_path(parent.root, str(block.get("path") or STUDENT_DIR))
+    return load_bundle(sub, verify=verify, expected_metadata_sha256=str(block.get("metadata_sha256") or ""))
 
 
 def verify_files(bundle: Bundle, skip: set[str] | frozenset[str] = frozenset()) -> None:

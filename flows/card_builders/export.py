@@ -7,6 +7,7 @@ from typing import Any, Mapping
 from metaflow.cards import Markdown, Table
 
 from flows.card_builders.common import banner, fmt
+from flows.card_builders.student import student_gate_parts
 
 
 def export_card(bundle_path: str, metadata: Mapping[str, Any], registered: Mapping[str, Any] | None,
@@ -60,6 +61,7 @@ def export_card(bundle_path: str, metadata: Mapping[str, Any], registered: Mappi
                          fmt(m.get("accuracy_drop")), fmt(res.get("speedup_vs_fp32"), 2),
                          fmt((m.get("size_bytes") or 0) / 1e6, 2)])
         parts.append(Table(rows, headers=["runtime", "INT8", "why", "accuracy", "drop", "speed-up vs FP32", "MB"]))
+    parts += student_gate_parts(metadata.get("student"))
     if registered:
         parts.append(Markdown(f"## Registry\nregistered `{registered['name']}` version **{registered['version']}** "
                               f"with alias `@{registered['alias']}` (`{registered['model_uri']}`)."))

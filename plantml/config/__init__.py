@@ -32,13 +32,14 @@ from plantml.config.schema import SCHEMA_PATH, params_json_schema, schema_text
 from plantml.config.sections import (GATE_METRICS, CalibrationParams, DataParams, DistributedParams, DomainParams,
                                      DriftParams, EvaluateParams, ExportParams, GateParams, Int8Params,
                                      ModelParams, Params, RegistryParams, ResourcesParams, RobustnessParams,
-                                     SourceParams, StepResources, TrainParams)
+                                     SourceParams, StepResources, StudentParams, TrainParams)
 
 __all__ = [
     "DEFAULT_PARAMS_PATH", "GATE_METRICS", "MODEL_REGISTRY", "SCHEMA_PATH", "CalibrationParams", "DataParams",
     "DistributedParams", "DomainParams", "DriftParams", "EvaluateParams", "ExportParams", "GateParams",
     "Int8Params", "ModelParams", "Params", "ParamsError", "RegistryParams", "ResourcesParams",
-    "RobustnessParams", "Rule", "SourceParams", "StepResources", "TrainParams", "check_rule", "load_params",
+    "RobustnessParams", "Rule", "SourceParams", "StepResources", "StudentParams", "TrainParams", "check_rule",
+    "load_params",
     "param", "params_from_dict", "params_json_schema", "parse_override", "registered_models", "rule_of",
     "schema_text",
 ]

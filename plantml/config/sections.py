@@ -216,6 +216,29 @@ class ExportParams:
 
 
 @dataclass(frozen=True)
+class StudentParams:
+    """The edge student: the champion distilled into a smaller/faster network (flow step ``distill``)."""
+
+    enabled: bool = param(True, "distill an edge student after evaluate (kept in the bundle only if it passes "
+                                "its gate)")
+    arch: str = param("efficientnet_lite0", "student architecture (the champion's: initialised from its weights)",
+                      choices=MODEL_REGISTRY)
+    image_size: int = param(112, "student input side in pixels; must be below the champion's", ge=16, le=1024,
+                            multiple_of=16)
+    epochs: int = param(4, "distillation epochs (early stopping on validation macro-F1 with train.patience)",
+                        ge=1)
+    lr: float = param(0.001, "peak learning rate (AdamW, warm-up + cosine)", gt=0, le=1)
+    temperature: float = param(4.0, "distillation temperature T (softens both distributions)", gt=0, le=100)
+    alpha: float = param(0.7, "loss = alpha * KL(student/T || teacher/T) * T^2 + (1 - alpha) * CE", ge=0, le=1)
+    frozen_blocks: int = param(1, "stem + this many blocks of the student frozen", ge=0, le=7)
+    max_accuracy_drop: float = param(0.01, "gate: each shipped student model's test accuracy (overall and per "
+                                           "domain) at most this below the champion FP32's", ge=0, le=1)
+    min_speedup: float = param(1.1, "gate: champion's fastest 1-thread latency / student's fastest must reach "
+                                    "this", gt=0, le=1000)
+    out_dir: str = param("artifacts/student", "where `plantml distill` writes the student", pattern=r"\S")
+
+
+@dataclass(frozen=True)
 class RegistryParams:
     """The MLflow model registry."""
 
@@ -257,6 +280,8 @@ class ResourcesParams:
                                    factory=lambda: StepResources(cpu=4, memory=6144, disk=20480))
     train: StepResources = param(doc="each training branch", factory=lambda: StepResources(cpu=4, memory=8192))
     evaluate: StepResources = param(doc="the evaluate step", factory=lambda: StepResources(cpu=4, memory=8192))
+    distill: StepResources = param(doc="the distill step (edge student)",
+                                   factory=lambda: StepResources(cpu=4, memory=8192))
     export: StepResources = param(doc="the export step", factory=lambda: StepResources(cpu=2, memory=6144))
 
 
@@ -269,6 +294,7 @@ class Params:
     evaluate: EvaluateParams = param(doc="evaluation", factory=EvaluateParams)
     calibration: CalibrationParams = param(doc="calibration and abstention", factory=CalibrationParams)
     robustness: RobustnessParams = param(doc="robustness", factory=RobustnessParams)
+    student: StudentParams = param(doc="the edge student (knowledge distillation)", factory=StudentParams)
     export: ExportParams = param(doc="export", factory=ExportParams)
     registry: RegistryParams = param(doc="model registry", factory=RegistryParams)
     drift: DriftParams = param(doc="drift analysis", factory=DriftParams)

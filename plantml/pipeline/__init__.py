@@ -1,7 +1,8 @@
 """The pipeline stages, one function each, shared by the Metaflow flow, the CLI and DVC.
 
 ``prepare`` -> ``train_branch`` (one per model, in parallel) -> ``evaluate_models`` ->
-``export_champion``. Each takes the frozen :class:`~plantml.config.Params` and plain data,
+``distill_student`` (the edge student) -> ``export_champion``.
+Each takes the frozen :class:`~plantml.config.Params` and plain data,
 and returns plain data (dicts, paths), so a Metaflow step can store the result as an
 artifact and the CLI can write it as JSON.
 
@@ -17,6 +18,8 @@ One job per module:
 * :mod:`~plantml.pipeline.beyond_split` — OOD, corruptions, background baseline, shortcut, non-leaf inputs;
 * :mod:`~plantml.pipeline.results` — the evaluation's typed results (``to_dict()`` at the edges);
 * :mod:`~plantml.pipeline.reports` — ``report.json``, DVC's metrics and plot tables, the latest copy;
+* :mod:`~plantml.pipeline.distill_stage` — the edge student, distilled from the champion;
+* :mod:`~plantml.pipeline.student_export` — the student in the bundle's ``student/``, behind its gate;
 * :mod:`~plantml.pipeline.export_stage` — the champion as a bundle.
 
 Every name callers used from the former single module is re-exported here.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 from plantml.pipeline.beyond_split import shortcut_report
 from plantml.pipeline.champion import champ_domains, champion_candidates, enforce_quality_gates
+from plantml.pipeline.distill_stage import distill_student, student_spec
 from plantml.pipeline.evaluate_stage import evaluate_models
 from plantml.pipeline.export_stage import export_champion
 from plantml.pipeline.paths import REPO_ROOT, repo_path
@@ -35,6 +39,7 @@ from plantml.pipeline.results import (CalibrationResult, ChampionDecision, Evalu
                                       RobustnessResult)
 from plantml.pipeline.samples import domains_of, load_manifest, shrink_original, stratified_subset, subset_samples
 from plantml.pipeline.scoring import SplitScores, fit_detector, score_split, torch_proba
+from plantml.pipeline.student_export import gate_student, student_export_step
 from plantml.pipeline.train_stage import train_branch
 
 # The former module's private names that tests and benchmarks import.
@@ -48,5 +53,6 @@ __all__ = [
     "subset_samples", "shrink_original", "domains_of", "stratified_subset", "SplitScores", "score_split",
     "fit_detector", "torch_proba", "evaluate_models", "champ_domains", "champion_candidates", "enforce_quality_gates",
     "shortcut_report", "DVC_EVAL_FILES", "publish_latest_evaluation", "export_champion", "CalibrationResult",
-    "ChampionDecision", "EvaluationReport", "ModelReport", "OODResult", "RobustnessResult",
+    "ChampionDecision", "EvaluationReport", "ModelReport", "OODResult", "RobustnessResult", "distill_student",
+    "student_spec", "gate_student", "student_export_step",
 ]

@@ -20,8 +20,10 @@ from plantml.models.scored import scored_classifier
 from plantml.ood import FeatureDetector
 from plantml.pipeline.paths import repo_path
 from plantml.pipeline.results import CalibrationResult
-from plantml.pipeline.samples import batched, load_manifest, pil_image, stratified_subset, subset_samples
+from plantml.pipeline.samples import (batched, domains_of, load_manifest, pil_image, stratified_subset,
+                                      subset_samples)
 from plantml.pipeline.scoring import torch_logits
+from plantml.pipeline.student_export import student_export_step
 from plantml.preprocess import InputSpec, decode_image, normalize_batch, softmax
 from plantml.quantize import int8_export_step
 from plantml.resources import available_cores
@@ -35,7 +37,8 @@ def export_champion(params: Params, report: Mapping[str, Any], train_result: Map
                     index: sh.ShardIndex, lineage: Mapping[str, Any],
                     out_root: str | os.PathLike[str] | None = None,
                     progress: bool = True,
-                    data_summary: Mapping[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+                    data_summary: Mapping[str, Any] | None = None,
+                    student: Mapping[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
     """Export the champion to a bundle: ONNX + OpenVINO FP32 (parity-checked), INT8 behind the
     accuracy gate, drift reference statistics, calibration and metrics.
 
@@ -56,6 +59,8 @@ def export_champion(params: Params, report: Mapping[str, Any], train_result: Map
         out_root: where the bundle folder is created (default ``export.out_dir``).
         progress: show progress bars.
         data_summary: the prepared data's summary (for the model card).
+        student: the distill stage's result; the edge student goes to ``student/`` if it passes its
+            gate (:mod:`plantml.pipeline.student_export`), else ``metadata["student"]`` says why not.
 
     Returns:
         ``(bundle_path, metadata)``.
@@ -68,10 +73,13 @@ def export_champion(params: Params, report: Mapping[str, Any], train_result: Map
     classes = train_result["classes"]
     spec = InputSpec(size=train_result["image_size"], mean=tuple(train_result["mean"]), std=tuple(train_result["std"]))
     rows = load_manifest(index)
-    x_gate, y_gate = _gate_subset(params, index, rows, spec)
+    gate = subset_samples(index, "test", params.export.int8.max_eval_images, params.data.seed, rows)
+    x_gate, y_gate = normalize_batch(np.stack([s.pixels for s in gate]), spec), np.array([s.label for s in gate])
     metrics = bundle_metrics(report, index.count("test"))
     steps = _export_steps(params, index, spec, x_gate, y_gate)
     steps.append(_reference_step(params, model, spec, index, rows, calib.temperature, classes))
+    steps.append(student_export_step(params, student, index, gate, domains_of([s.key for s in gate], rows),
+                                     lineage))
     steps.append(model_card_step(data_summary))  # last: it reports what the steps before measured
     return export_bundle(
         _with_ood_score(model, report.get("ood")), out_root=repo_path(out_root or params.export.out_dir),
@@ -88,13 +96,6 @@ def _with_ood_score(model: Any, ood_report: Mapping[str, Any] | None) -> Any:
         return model
     detector = FeatureDetector.load(io.BytesIO(storage.read_bytes(ood_report["detector_uri"])))
     return scored_classifier(model, detector)
-
-
-def _gate_subset(params: Params, index: sh.ShardIndex, rows: Sequence[ManifestRow],
-                 spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
-    """The stratified test subset the INT8 gate and the parity check run on: ``(normalised images, labels)``."""
-    gate = subset_samples(index, "test", params.export.int8.max_eval_images, params.data.seed, rows)
-    return normalize_batch(np.stack([s.pixels for s in gate]), spec), np.array([s.label for s in gate])
 
 
 def bundle_metrics(report: Mapping[str, Any], n_test: int) -> dict[str, Any]:

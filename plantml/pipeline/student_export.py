@@ -1,0 +1,210 @@
+"""The edge student in the bundle: exported like the champion into ``student/``, behind its gate.
+
+The student is written as a complete bundle of its own in the champion bundle's
+``student/`` folder (``student/metadata.json``, its FP32 ONNX + OpenVINO models, its INT8
+models behind the same INT8 gate as the champion's), by the same
+:func:`plantml.export.export_bundle` and :func:`plantml.quantize.int8_export_step`. So it
+carries its own input spec (its smaller side), classes, calibration and OOD threshold, and
+every reader of the champion (serving, the MLflow model, the registry, drift) is unchanged:
+the top-level ``files`` list holds only the champion's. The top-level ``metadata.json``
+gets a ``student`` block that pins ``student/metadata.json`` by sha256
+(:func:`plantml.bundle.load_student_bundle` checks it).
+
+**The gate** (both parts, on the same stratified test subset as the champion's INT8 gate,
+each model through the session it will run in):
+
+* accuracy: every student model shipped (FP32 and each kept INT8) is at most
+  ``student.max_accuracy_drop`` below the champion FP32 (ONNX Runtime) on those images,
+  overall and in every domain present;
+* speed: the champion's fastest model over the student's fastest, batch 1, 1 thread,
+  median of 30 runs, at least ``student.min_speedup``.
+
+A student that fails (or was never trained) is removed from the bundle and the block says
+why (``kept: false``, ``reason``) — never silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from plantml import shards as sh
+from plantml.bundle import METADATA_FILE, STUDENT_DIR, sha256_file
+from plantml.config import Params
+from plantml.export import export_bundle
+from plantml.models.scored import scored_classifier
+from plantml.ood import FeatureDetector
+from plantml.pipeline.samples import pil_image, subset_samples
+from plantml.preprocess import InputSpec, normalize_batch, resize_center_crop
+from plantml.quantize import int8_export_step, median_latency_ms, predict_labels
+from plantml.resources import available_cores
+from plantml.runtime import batch_runner
+from plantml.training import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+ABSENT_REASON = "no student was distilled for this run (the flow's distill step, `plantml distill`)"
+
+
+def student_export_step(params: Params, student: Mapping[str, Any] | None, index: sh.ShardIndex,
+                        gate_samples: Sequence[sh.Sample], gate_domains: Sequence[str],
+                        lineage: Mapping[str, Any]) -> Callable[[Any, dict[str, Any]], None]:
+    """The export step that adds the student (or the reason it has none) to the bundle being written.
+
+    Args:
+        params: the run's parameters.
+        student: the distill stage's result (``None``: no student was distilled).
+        index: the prepared shards (INT8 calibration images).
+        gate_samples: the champion's gate subset of the test split (same images, resized for the student).
+        gate_domains: each gate sample's domain.
+        lineage: the champion's lineage (the student's sub-bundle gets it too).
+    """
+    def step(writer: Any, metadata: dict[str, Any]) -> None:
+        if not student or student.get("status") != "trained":
+            metadata["student"] = {"kept": False, "status": (student or {}).get("status", "absent"),
+                                   "reason": (student or {}).get("reason") or ABSENT_REASON}
+            log.info("student: none in the bundle (%s)", metadata["student"]["reason"])
+            return
+        metadata["student"] = _export_and_gate(params, student, index, gate_samples, gate_domains, lineage,
+                                               writer, metadata)
+
+    return step
+
+
+def student_images(samples: Sequence[sh.Sample], spec: InputSpec) -> np.ndarray:
+    """Shard samples resized to the student's side by the shared preprocessing rule, normalised (NCHW)."""
+    return normalize_batch(np.stack([resize_center_crop(pil_image(s.pixels), spec.size) for s in samples]), spec)
+
+
+def _student_model(student: Mapping[str, Any]) -> Any:
+    model, _ = load_checkpoint(student["checkpoint"])
+    ood_block = student.get("ood")
+    if not ood_block:
+        return model
+    return scored_classifier(model, FeatureDetector.load(Path(ood_block["detector"])))
+
+
+def _export_and_gate(params: Params, student: Mapping[str, Any], index: sh.ShardIndex,
+                     gate_samples: Sequence[sh.Sample], gate_domains: Sequence[str], lineage: Mapping[str, Any],
+                     writer: Any, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Export the student into ``student/``, gate it against the champion, keep or remove it; the block."""
+    spec = InputSpec(size=int(student["image_size"]), mean=tuple(student["mean"]), std=tuple(student["std"]))
+    x = student_images(gate_samples, spec)
+    y = np.array([s.label for s in gate_samples])
+    sub_meta = _write_student_bundle(params, student, index, spec, x, y, lineage, writer, metadata)
+    root = Path(writer.dir)
+    champion_models = [(f["runtime"], f["precision"], root / f["path"]) for f in writer.files
+                       if f.get("role", "model") == "model"]
+    student_models = [(f["runtime"], f["precision"], root / STUDENT_DIR / f["path"]) for f in sub_meta["files"]
+                      if f.get("role", "model") == "model"]
+    x_champ = normalize_batch(np.stack([s.pixels for s in gate_samples]), InputSpec.from_dict(metadata["input"]))
+    gate = gate_student(params, champion_models, student_models, x_champ, x, y, np.asarray(gate_domains))
+    block = {
+        "kept": gate["passed"], "status": "kept" if gate["passed"] else "rejected", "reason": gate["reason"],
+        "path": STUDENT_DIR, "arch": student["arch"], "image_size": int(student["image_size"]),
+        "input": spec.to_dict(), "teacher": student["teacher"], "init": student.get("init"),
+        "metrics": {"fp32_torch": student["metrics"], "by_domain": student["by_domain"]},
+        "calibration": sub_meta["calibration"], "gate": gate,
+        "distill_seconds": student.get("distill_seconds"), "epochs_run": student.get("epochs_run"),
+        "int8": sub_meta.get("int8"),
+    }
+    if gate["passed"]:
+        block["metadata_sha256"] = sha256_file(root / STUDENT_DIR / METADATA_FILE)
+    else:
+        shutil.rmtree(root / STUDENT_DIR, ignore_errors=True)
+        block["path"] = None
+    log.info("student: %s (%s)", block["status"], gate["reason"])
+    return block
+
+
+def _write_student_bundle(params: Params, student: Mapping[str, Any], index: sh.ShardIndex, spec: InputSpec,
+                          x: np.ndarray, y: np.ndarray, lineage: Mapping[str, Any], writer: Any,
+                          metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Export the student (FP32 + INT8 behind its gate) as a bundle in ``<bundle>/student``; its metadata."""
+    steps = []
+    q = params.export.int8
+    if q.enabled:
+        calib = student_images(subset_samples(index, "train", q.calibration_images, params.data.seed), spec)
+        steps.append(int8_export_step(calib, x, y, q.max_accuracy_drop, threads=available_cores(),
+                                      population=index.count("test")))
+    cal = student["calibration"]
+    calibration = {"temperature": cal["temperature"], "abstain_threshold": cal["abstain_threshold"],
+                   "target_precision": params.calibration.target_precision}
+    if student.get("ood"):
+        calibration["ood_threshold"] = student["ood"]["threshold"]
+    parent = Path(writer.dir)
+    with tempfile.TemporaryDirectory(dir=parent.parent, prefix=".student-") as tmp:
+        path, sub_meta = export_bundle(
+            _student_model(student), out_root=Path(tmp), name=f"{metadata['name']}-student",
+            architecture=student["arch"], classes=list(metadata["classes"]), input_spec=spec, parity_inputs=x[:8],
+            metrics={"fp32": student["metrics"], "by_domain": student["by_domain"]},
+            lineage={**lineage, "role": "edge student", "teacher": student["teacher"],
+                     "teacher_checkpoint_sha256": student.get("teacher_checkpoint_sha256")},
+            params=params.to_dict(), calibration=calibration, opset=params.export.opset,
+            parity_tolerance=params.export.parity_tolerance, version=metadata["version"], extra_steps=steps)
+        os.replace(path, parent / STUDENT_DIR)
+    return sub_meta
+
+
+def _accuracy(pred: np.ndarray, y: np.ndarray, domains: np.ndarray) -> dict[str, Any]:
+    """Overall and per-domain accuracy of predictions (``n`` per domain)."""
+    out: dict[str, Any] = {"all": {"accuracy": float(np.mean(pred == y)) if len(y) else 0.0, "n": int(len(y))}}
+    for d in sorted(set(domains.tolist())):
+        m = domains == d
+        out[str(d)] = {"accuracy": float(np.mean(pred[m] == y[m])), "n": int(m.sum())}
+    return out
+
+
+def gate_student(params: Params, champion_models: Sequence[tuple[str, str, Path]],
+                 student_models: Sequence[tuple[str, str, Path]], x_champ: np.ndarray, x_student: np.ndarray,
+                 y: np.ndarray, domains: np.ndarray) -> dict[str, Any]:
+    """The student's gate: accuracy vs the champion FP32 (overall, per domain) and 1-thread speed.
+
+    Args:
+        params: ``student.max_accuracy_drop`` and ``student.min_speedup``.
+        champion_models: ``(runtime, precision, path)`` of every champion model in the bundle.
+        student_models: the same for the student's.
+        x_champ: the gate images at the champion's input.
+        x_student: the same images at the student's input.
+        y: their labels.
+        domains: their domains.
+
+    Returns:
+        ``{"passed", "reason", "champion_fp32", "student": {model: accuracy}, "latency_ms", "speedup", ...}``.
+    """
+    s = params.student
+    threads = available_cores()
+    reference = next(p for r, pr, p in champion_models if r == "onnxruntime" and pr == "fp32")
+    champ = _accuracy(predict_labels(batch_runner(reference, "onnxruntime", threads), x_champ), y, domains)
+    student_acc, failures = {}, []
+    for runtime, precision, path in student_models:
+        acc = _accuracy(predict_labels(batch_runner(path, runtime, threads), x_student), y, domains)
+        student_acc[f"{runtime}_{precision}"] = acc
+        for d, a in acc.items():
+            drop = champ[d]["accuracy"] - a["accuracy"]
+            if drop > s.max_accuracy_drop + 1e-9:
+                failures.append(f"{runtime} {precision} on {d}: {a['accuracy']:.4f} vs champion "
+                                f"{champ[d]['accuracy']:.4f} (drop {drop * 100:.2f} pt > "
+                                f"{s.max_accuracy_drop * 100:.2f})")
+    latency = {"champion": _latencies(champion_models, x_champ), "student": _latencies(student_models, x_student)}
+    best_c, best_s = min(latency["champion"].values()), min(latency["student"].values())
+    speedup = best_c / best_s if best_s > 0 else 0.0
+    if speedup < s.min_speedup:
+        failures.append(f"not faster enough: champion's fastest {best_c:.2f} ms / student's fastest {best_s:.2f} ms "
+                        f"= {speedup:.2f}x < {s.min_speedup}x")
+    reason = "; ".join(failures) if failures else (
+        f"every student model within {s.max_accuracy_drop * 100:.2f} pt of the champion FP32 (overall and per "
+        f"domain) and {speedup:.2f}x faster ({best_c:.2f} -> {best_s:.2f} ms, 1 thread)")
+    return {"passed": not failures, "reason": reason, "max_accuracy_drop": s.max_accuracy_drop,
+            "min_speedup": s.min_speedup, "n_images": int(len(y)), "champion_fp32": champ, "student": student_acc,
+            "latency_ms": latency, "latency": "batch 1, 1 thread, median of 30 runs", "speedup": speedup}
+
+
+def _latencies(models: Sequence[tuple[str, str, Path]], x: np.ndarray) -> dict[str, float]:
+    return {f"{r}_{p}": median_latency_ms(batch_runner(path, r, 1), x) for r, p, path in models}

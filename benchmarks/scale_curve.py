@@ -74,6 +74,8 @@ class TreeSampler(threading.Thread):
         self.peak_total = 0
         self.peak_pss_total = 0
         self.peak_step: dict[str, int] = defaultdict(int)
+        # Who held the memory at the whole run's PSS peak: one row per process.
+        self.peak_breakdown: list[dict] = []
         self.stop = threading.Event()
 
     @staticmethod
@@ -97,6 +99,7 @@ class TreeSampler(threading.Thread):
             total = pss_total = 0
             per_step: dict[str, int] = defaultdict(int)
             step_of: dict[int, str] = {}
+            rows: list[dict] = []
             for p in procs:
                 try:
                     info = p.memory_full_info()
@@ -105,6 +108,8 @@ class TreeSampler(threading.Thread):
                     continue
                 total += rss
                 pss_total += getattr(info, "pss", rss)
+                rows.append({"pid": p.pid, "rss_mb": rss / 2**20, "pss_mb": getattr(info, "pss", rss) / 2**20,
+                             "cmd": _short_cmd(p)})
                 step = self._step_of(p)
                 if step is None:
                     try:
@@ -115,10 +120,22 @@ class TreeSampler(threading.Thread):
                     step_of[p.pid] = step
                     per_step[step] += rss
             self.peak_total = max(self.peak_total, total)
+            if pss_total > self.peak_pss_total:
+                self.peak_breakdown = sorted(rows, key=lambda r: -r["pss_mb"])
             self.peak_pss_total = max(self.peak_pss_total, pss_total)
             for s, v in per_step.items():
                 self.peak_step[s] = max(self.peak_step[s], v)
             time.sleep(self.interval)
+
+
+def _short_cmd(proc: psutil.Process) -> str:
+    """The part of a command line that says which process it is (step name, card, loader worker)."""
+    try:
+        cmd = proc.cmdline()
+    except psutil.Error:
+        return "?"
+    keep = [c for c in cmd if not c.startswith("/") or c.endswith(".py")]
+    return " ".join(Path(c).name if c.endswith(".py") else c for c in keep)[:160]
 
 
 def step_times(run_id: str, env: dict[str, str], cwd: Path) -> dict[str, float]:
@@ -166,6 +183,7 @@ def run_one(n: int, sample: Path, scratch: Path, extra: list[str]) -> dict:
     return {"n": n, "wall_s": wall, "steps_s": steps, "peak_rss_total_mb": sampler.peak_total / 2**20,
             "peak_pss_total_mb": sampler.peak_pss_total / 2**20,
             "peak_rss_step_mb": {k: v / 2**20 for k, v in sampler.peak_step.items()},
+            "peak_pss_breakdown": sampler.peak_breakdown,
             "shard_bytes": shards}
 
 

@@ -32,7 +32,7 @@ CI_SET=(
   # training: one CNN, small and short (sized for <= ~10 min on 2 cores; measured figures in docs/testing.md).
   # The floors in tests/test_behaviour.py hold for these defaults only (REAL_SAMPLE_* are for experiments).
   "train.models={cnn: {arch: efficientnet_lite0, lr: 0.002, frozen_blocks: 3}}"
-  "train.image_size=${REAL_SAMPLE_IMAGE_SIZE:-128}" "train.batch_size=32"
+  "train.image_size=${REAL_SAMPLE_IMAGE_SIZE:-128}" "train.batch_size=32" "train.micro_batch_size=0"
   "train.epochs=${REAL_SAMPLE_EPOCHS:-3}" "train.patience=2"
   "train.label_smoothing=0.1" "train.weight_decay=0.05" "train.warmup_epochs=1"
   "train.device=cpu" "train.num_threads=0" "train.loader_workers=0" "train.seed=42"

@@ -115,6 +115,8 @@ class TrainParams:
 
     image_size: int = param(160, "model input side in pixels", ge=32, le=1024, multiple_of=16)
     batch_size: int = param(32, "images per step", ge=1)
+    micro_batch_size: int = param(16, "forward/backward in chunks of this many images, one optimiser step per "
+                                      "batch (bounds activation memory); 0: the whole batch at once", ge=0)
     epochs: int = param(8, "maximum epochs", ge=1)
     patience: int = param(3, "early stopping: epochs without a better validation macro-F1", ge=1)
     label_smoothing: float = param(0.1, "cross-entropy label smoothing", ge=0, lt=1)

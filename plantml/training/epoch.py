@@ -33,7 +33,6 @@ def train_one_epoch(model: Any, loader: Any, steps: int, optimizer: Any, schedul
         ``{"train_loss", "train_accuracy", "images"}`` for this process's share.
     """
     import torch
-    import torch.nn.functional as F
 
     # plantml.loader imports torch at module level; importing it here keeps `import plantml.training` torch-free.
     from plantml.loader import to_model_input
@@ -50,21 +49,62 @@ def train_one_epoch(model: Any, loader: Any, steps: int, optimizer: Any, schedul
             continue
         x = to_model_input(images, spec, device)
         y = labels.to(device, non_blocking=True)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=train_params.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        batch_loss, batch_correct = accumulate_gradients(model, x, y, train_params, device)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
         scheduler.step()
-        loss_sum += float(loss.detach()) * len(labels)
-        correct += int((logits.detach().argmax(1) == y).sum())
+        loss_sum += batch_loss * len(labels)
+        correct += batch_correct
         seen += len(labels)
         taken += 1
         bar.update(1)
     bar.close()
     return {"train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen), "images": seen}
+
+
+def micro_batches(n: int, micro_batch_size: int) -> list[slice]:
+    """Slices that cut a batch of ``n`` into chunks of at most ``micro_batch_size`` (0: one chunk).
+
+    A chunk of one image is merged into the previous one: BatchNorm cannot train on it.
+    """
+    if micro_batch_size <= 0 or micro_batch_size >= n:
+        return [slice(0, n)]
+    starts = list(range(0, n, micro_batch_size))
+    if n - starts[-1] < 2:
+        starts.pop()
+    return [slice(a, b) for a, b in zip(starts, starts[1:] + [n])]
+
+
+def accumulate_gradients(model: Any, x: Any, y: Any, train_params: TrainParams, device: str) -> tuple[float, int]:
+    """Forward and backward of one batch in micro-batches; gradients sum to the whole batch's mean loss.
+
+    Splitting bounds the activations held for backward (peak memory) to one micro-batch's: on
+    CPU a 32-image batch in two 16-image chunks costs the same time and ~0.3 GB less per branch
+    (docs/benchmarks.md section 7). BatchNorm of the trainable layers sees micro-batch statistics
+    ("ghost" batches). Under DDP only the last chunk's backward synchronises gradients.
+
+    Returns:
+        ``(mean loss over the batch, correct top-1 predictions)``.
+    """
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    chunks = micro_batches(len(y), train_params.micro_batch_size)
+    loss_total, correct = 0.0, 0
+    for i, part in enumerate(chunks):
+        last = i == len(chunks) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                logits = model(x[part])
+                loss = F.cross_entropy(logits.float(), y[part], label_smoothing=train_params.label_smoothing)
+            (loss * (len(y[part]) / len(y))).backward()
+        loss_total += float(loss.detach()) * len(y[part])
+        correct += int((logits.detach().argmax(1) == y[part]).sum())
+    return loss_total / len(y), correct
 
 
 def validate(model: Any, index: Any, spec: InputSpec, device: str, batch_size: int,

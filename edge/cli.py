@@ -3,14 +3,19 @@
 Usage::
 
     plantml-edge predict --bundle bundle/ leaf1.jpg photos/          # JSON lines on stdout
+    plantml-edge predict --model champion --bundle bundle/ photos/   # not the edge student
     plantml-edge predict --precision int8 --threads 1 --format csv photos/ > results.csv
     plantml-edge bench --bundle bundle/ --threads 1                  # latency percentiles
     plantml-edge info --bundle bundle/                               # bundle metadata
     plantml-edge info --bundle bundle/ --model-card                  # the model card (Markdown)
 
-``--bundle`` defaults to ``$PLANTML_BUNDLE``. Exit status: 0 when every image was
-classified, 1 when at least one file could not be read (its line carries ``error``), 2
-for a usage error or a missing/corrupt bundle. Nothing here touches the network.
+``--model`` picks the bundle's model: its edge student (a smaller, faster model distilled
+from the champion, shipped only when it passed its accuracy and speed gate) by default
+when the bundle has one, else the champion; asking for a student the bundle lacks is an
+error that gives the reason recorded at export. ``--bundle`` defaults to ``$PLANTML_BUNDLE``.
+
+Exit status: 0 when every image was classified, 1 when at least one file could not be read
+(its line carries ``error``), 2 for a usage error or a missing/corrupt bundle. Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bundle", default=os.environ.get("PLANTML_BUNDLE"),
                        help="bundle directory (default: $PLANTML_BUNDLE)")
         if model_opts:
+            p.add_argument("--model", choices=("champion", "student"), default=None,
+                           help="which model of the bundle: its edge student (default when the bundle has one) "
+                                "or the champion")
             p.add_argument("--runtime", choices=("openvino", "onnxruntime"), default=None,
                            help="inference runtime (default: best available)")
             p.add_argument("--threads", type=_positive_int, default=None, help="inference threads (default: all cores)")
@@ -126,11 +134,21 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
+def _which(args: argparse.Namespace) -> str:
+    """``--model``, or the bundle's default (its edge student when it has one)."""
+    from edge.runtime import default_model
+
+    if getattr(args, "model", None) is None:
+        args.model = default_model(args.bundle)
+        log.info("model: %s (the bundle's default)", args.model)
+    return args.model
+
+
 def _model(args: argparse.Namespace, precision: str) -> Any:
     from edge.runtime import EdgeModel
 
     return EdgeModel(args.bundle, runtime=args.runtime, precision=precision, threads=args.threads,
-                     openvino_f32=args.openvino_hint == "f32")
+                     openvino_f32=args.openvino_hint == "f32", model=_which(args))
 
 
 # --------------------------------------------------------------------------- predict
@@ -249,12 +267,12 @@ def _bench_input(args: argparse.Namespace, spec: Any) -> Any:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Time every (runtime, precision) model asked for at batch 1."""
-    from plantml.bundle import load_bundle
+    from plantml.bundle import load_bundle, load_student_bundle
     from plantml.preprocess import ImageDecodeError
 
     from edge.runtime import RUNTIME_PREFERENCE, runtime_installed
 
-    bundle = load_bundle(args.bundle)
+    bundle = load_student_bundle(args.bundle) if _which(args) == "student" else load_bundle(args.bundle)
     precisions = ("fp32", "int8") if args.precision == "all" else (args.precision,)
     runtimes = (args.runtime,) if args.runtime else RUNTIME_PREFERENCE
     targets = [(r, p) for r in runtimes for p in precisions if (r, p) in bundle.available() and runtime_installed(r)]
@@ -283,12 +301,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_table(results: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    head = ("runtime", "precision", "threads", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ms", "load ms")
+    head = ("model", "runtime", "precision", "threads", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ms", "load ms")
     buf.write("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
     for r in results:
         runtime = r["runtime"] + (f" ({r['openvino_precision_hint']} hint)" if r.get("openvino_precision_hint") else "")
-        cells = (runtime, r["precision"], r["threads"] or "default", *(f"{r[k]:.2f}" for k in (
-            "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "load_ms")))
+        cells = (r.get("model", "champion"), runtime, r["precision"], r["threads"] or "default",
+                 *(f"{r[k]:.2f}" for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "load_ms")))
         buf.write("| " + " | ".join(str(c) for c in cells) + " |\n")
     buf.write(f"\nbatch 1, {results[0]['input_size']}x{results[0]['input_size']}, {results[0]['runs']} runs each\n")
     return buf.getvalue()
@@ -302,7 +320,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from plantml.bundle import load_bundle
     from plantml.model_card import read_model_card
 
-    from edge.runtime import installed_runtimes
+    from edge.runtime import default_model, installed_runtimes
 
     bundle = load_bundle(args.bundle)
     meta = dict(bundle.metadata)
@@ -315,6 +333,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ],
         "metrics": meta.get("metrics", {}),
         "int8": meta.get("int8"),
+        "student": meta.get("student"),
+        "default_model": default_model(args.bundle),
         "lineage": meta.get("lineage", {}),
         "installed_runtimes": installed_runtimes(),
     }

@@ -15,6 +15,11 @@ Example::
 
     model = EdgeModel("artifacts/bundles/latest", precision="int8", threads=1)
     print(model.predict_images([Image.open("leaf.jpg")]))
+
+A bundle may ship an **edge student** (a smaller/faster model distilled from the champion,
+in its ``student/`` folder with its own input size and calibration): ``model="student"``
+loads it through the digest the bundle pins (:func:`plantml.bundle.load_student_bundle`),
+and :func:`default_model` says which one the CLI runs when none is named.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from plantml.bundle import BundleError, load_bundle
+from plantml.bundle import BundleError, load_bundle, load_student_bundle, student_block
 from plantml.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, InputSpec, load_image, preprocess_batch, top_k
 from plantml.runtime import (  # noqa: F401 - re-exported for edge.cli and callers
     PRECISIONS,
@@ -51,6 +56,14 @@ RUNTIME_PREFERENCE = RUNTIMES
 #: The edge name of :class:`plantml.runtime.InferenceError` (the CLI and callers catch it by this name).
 EdgeError = InferenceError
 
+#: The models a bundle can hold: the champion (always) and the edge student (when it passed its gate).
+MODELS = ("champion", "student")
+
+
+def default_model(bundle_dir: str | os.PathLike[str]) -> str:
+    """``"student"`` when the bundle ships an edge student, else ``"champion"``."""
+    return "student" if student_block(bundle_dir) else "champion"
+
 
 class EdgeModel:
     """A bundle's classifier on one runtime and precision.
@@ -63,6 +76,8 @@ class EdgeModel:
         threads: inference threads (``None``: the runtime's default, all cores).
         openvino_f32: run OpenVINO with ``INFERENCE_PRECISION_HINT=f32`` (default) rather
             than the plugin's default, which is bfloat16 on CPUs that support it.
+        model: ``"champion"`` (default) or ``"student"`` (the bundle's edge student; a bundle
+            without one is a :class:`BundleError` giving the reason it has none).
 
     Raises:
         plantml.bundle.BundleError: missing/corrupt bundle.
@@ -76,11 +91,15 @@ class EdgeModel:
         precision: str = "fp32",
         threads: int | None = None,
         openvino_f32: bool = True,
+        model: str = "champion",
     ) -> None:
         # Settings are checked before the bundle is read, so a typo is named as such.
         self.precision = check_precision(precision)
+        if model not in MODELS:
+            raise EdgeError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
         options = SessionOptions(threads=threads, openvino_f32=openvino_f32)
-        self.bundle = load_bundle(bundle_dir)
+        self.model = model
+        self.bundle = load_student_bundle(bundle_dir) if model == "student" else load_bundle(bundle_dir)
         self.runtime = choose_runtime(self.bundle, precision, runtime)
         self.threads = threads
         self.openvino_f32 = openvino_f32
@@ -101,6 +120,9 @@ class EdgeModel:
         return {
             "name": self.bundle.name,
             "version": self.bundle.version,
+            "model": self.model,
+            "architecture": self.bundle.metadata.get("architecture"),
+            "input_size": self.spec.size,
             "runtime": self.runtime,
             "precision": self.precision,
             "threads": self.threads,

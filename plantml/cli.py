@@ -6,6 +6,7 @@
     plantml prepare --data-dir lab=DIR,field=DIR  # several sources, one per domain (see plantml.data)
     plantml train --model cnn                   # -> artifacts/train/cnn/{model.pt,history.json,result.json}
     plantml evaluate                            # -> artifacts/eval/{metrics.json,report.json,plots/}
+    plantml distill                             # -> artifacts/student/{model.pt,result.json} (the edge student)
     plantml export --out artifacts/bundle       # -> a bundle directory (atomic), optionally registered
     plantml drift --bundle B --current PATH     # drift report (see docs/drift.md)
     plantml schema [--out params.schema.json]   # the JSON schema of params.yaml (from plantml.config)
@@ -113,17 +114,53 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(params: Params) -> dict:
+    from plantml.pipeline import repo_path
+
+    report_path = repo_path(params.evaluate.out_dir) / "report.json"
+    if not report_path.is_file():
+        raise FileNotFoundError(f"no evaluation report at {report_path} (run `plantml evaluate`)")
+    return json.loads(report_path.read_text())
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from plantml.pipeline import distill_student, repo_path
+
+    params = _load(args)
+    index, _ = _prepared(params)
+    results, checkpoints = _train_outputs(params)
+    report = _report(params)
+    name = report["champion"]
+    result = distill_student(params, report, results[name], checkpoints[name], index,
+                             repo_path(params.student.out_dir), progress=not args.quiet)
+    print(json.dumps({k: result.get(k) for k in ("status", "reason", "arch", "image_size", "teacher", "init",
+                                                 "distill_seconds", "metrics", "vs_champion_fp32", "checkpoint")}))
+    return 0
+
+
+def _student_result(params: Params, teacher_checkpoint: str) -> dict | None:
+    """What `plantml distill` left for this champion: its result, a stale-student note, or ``None`` (none)."""
+    from plantml.bundle import sha256_file
+    from plantml.pipeline import repo_path
+
+    path = repo_path(params.student.out_dir) / "result.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    if result.get("teacher_checkpoint_sha256") != sha256_file(teacher_checkpoint):
+        return {"status": "stale", "reason": f"{path} was distilled from another champion checkpoint "
+                                             "(run `plantml distill` again)"}
+    return result
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from plantml.export import git_commit
-    from plantml.pipeline import enforce_quality_gates, export_champion, repo_path
+    from plantml.pipeline import enforce_quality_gates, export_champion
 
     params = _load(args)
     index, summary = _prepared(params)
     results, checkpoints = _train_outputs(params)
-    report_path = repo_path(params.evaluate.out_dir) / "report.json"
-    if not report_path.is_file():
-        raise FileNotFoundError(f"no evaluation report at {report_path} (run `plantml evaluate`)")
-    report = json.loads(report_path.read_text())
+    report = _report(params)
     # The report exists even when evaluate failed a gate (it is what the card shows):
     # check the gates again so that a failed champion is never exported or registered.
     enforce_quality_gates(params, report)
@@ -132,7 +169,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                "data_root": summary.root, "git_commit": git_commit(), "produced_by": "plantml export"}
     staging = Path(args.out).resolve().parent / f".staging-{os.getpid()}" if args.out else None
     path, metadata = export_champion(params, report, results[name], checkpoints[name], index, lineage,
-                                     out_root=staging, progress=not args.quiet, data_summary=summary.to_dict())
+                                     out_root=staging, progress=not args.quiet, data_summary=summary.to_dict(),
+                                     student=_student_result(params, checkpoints[name]))
     if args.out:
         path = _replace_dir(path, Path(args.out).resolve())
         shutil.rmtree(staging, ignore_errors=True)
@@ -144,8 +182,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                                      tracking_uri=params.registry.tracking_uri,
                                      tags={"architecture": metadata["architecture"],
                                            "bundle_version": metadata["version"]})
+    student = metadata.get("student", {})
     print(json.dumps({"bundle": str(path), "version": metadata["version"], "champion": name,
-                      "registered": registered}))
+                      "registered": registered, "student": {k: student.get(k) for k in ("kept", "reason")}}))
     return 0
 
 
@@ -208,7 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="export the champion to a bundle (ONNX, OpenVINO, INT8)")
+    p = sub.add_parser("distill", help="distill the champion into the edge student (student section of params)")
+    common(p)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("export", help="export the champion (and the edge student, behind its gate) to a bundle")
     common(p)
     p.add_argument("--out", default=None,
                    help="fixed bundle path (replaced atomically); default: export.out_dir/NAME-VERSION")

@@ -9,7 +9,7 @@ DEMO data. Then:
 
 * ``dvc repro`` runs every stage and ``dvc metrics show`` prints the champion's metrics;
 * a second ``dvc repro`` runs nothing and ``dvc status`` is clean;
-* changing ``train.models.vit.lr`` reruns ``train@vit``, evaluate and export only;
+* changing ``train.models.vit.lr`` reruns ``train@vit``, evaluate, distill and export only;
 * ``dvc add data/raw`` + ``data.data_dir: data/raw`` makes ``prepare`` read the real-data path;
 * ``dvc push`` reaches the committed default (local) remote.
 
@@ -35,7 +35,7 @@ from PIL import Image
 from tests.conftest import REPO_ROOT, TINY_CLASSES
 
 VENV_BIN = Path(sys.executable).parent
-STAGES = {"prepare", "train@cnn", "train@vit", "evaluate", "export"}
+STAGES = {"prepare", "train@cnn", "train@vit", "evaluate", "distill", "export"}
 
 
 def tiny_params(params: dict) -> dict:
@@ -49,6 +49,8 @@ def tiny_params(params: dict) -> dict:
     params["evaluate"].update(min_macro_f1=0.0, min_accuracy=0.0)
     params["robustness"].update(severities=[1], max_images=20)
     params["export"]["int8"]["enabled"] = False
+    # a real (tiny) edge student: distilled, exported into student/ or left out with the reason
+    params["student"].update(arch="tiny_cnn", image_size=16, epochs=1, frozen_blocks=0)
     return params
 
 
@@ -122,6 +124,9 @@ def test_dvc_repro_in_a_copy_of_the_checkout(clone):
     summary = json.loads((repo / "artifacts" / "prepared" / "summary.json").read_text())
     assert summary["is_demo"] is True
     assert (repo / "artifacts" / "bundle" / "metadata.json").is_file()
+    student = json.loads((repo / "artifacts" / "bundle" / "metadata.json").read_text())["student"]
+    assert student["status"] in ("kept", "rejected") and student["reason"], student
+    assert (repo / "artifacts" / "bundle" / "student").is_dir() == student["kept"]
 
     shown = run(["dvc", "metrics", "show"], repo, env)
     assert "artifacts/eval/metrics.json" in shown and "macro_f1" in shown and "champion" in shown, shown
@@ -136,10 +141,10 @@ def test_dvc_repro_in_a_copy_of_the_checkout(clone):
     assert ran(second) == set() and skipped(second) == STAGES, second[-3000:]
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo, env)
 
-    # one model's learning rate: that model retrains, then evaluate and export; nothing else
+    # one model's learning rate: that model retrains, then evaluate, the student and export; nothing else
     edit_params(repo, lambda p: p["train"]["models"]["vit"].update(lr=0.002))
     third = run(["dvc", "repro"], repo, env)
-    assert ran(third) == {"train@vit", "evaluate", "export"}, third[-3000:]
+    assert ran(third) == {"train@vit", "evaluate", "distill", "export"}, third[-3000:]
     assert {"prepare", "train@cnn"} <= skipped(third)
 
     # the default remote committed in .dvc/config (a local folder beside the checkout) works

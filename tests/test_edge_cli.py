@@ -260,3 +260,52 @@ def test_help_names_every_option(capsys):
         main(["--help"])
     top = capsys.readouterr().out
     assert all(c in top for c in ("predict", "bench", "info", "version")), top
+
+
+# --------------------------------------------------------------------------- the edge student (issue 16)
+
+
+@pytest.fixture(scope="module")
+def student_bundles(tiny_shards, tmp_path_factory):
+    """``(bundle with an edge student, bundle whose student failed its gate)`` from the tiny shards."""
+    from plantml.pipeline import distill_student
+    from tests.test_distill import _teacher, export_with_student, tiny_params
+
+    _, _, index = tiny_shards
+    tmp = tmp_path_factory.mktemp("student_cli")
+    teacher, ckpt, report = _teacher(index, tmp)
+    student = distill_student(tiny_params(), report, teacher, ckpt, index, tmp / "student", progress=False)
+    kept, _ = export_with_student(tmp / "kept", tiny_params(**{"student.min_speedup": 0.001,
+                                                               "student.max_accuracy_drop": 1.0}),
+                                  index, ckpt, student)
+    left_out, _ = export_with_student(tmp / "left_out", tiny_params(**{"student.min_speedup": 1000}),
+                                      index, ckpt, student)
+    return kept, left_out
+
+
+def test_student_is_the_default_model_when_the_bundle_has_one(student_bundles, photos, capsys):
+    kept, _ = student_bundles
+    code, out, _ = _run(capsys, "bench", "--bundle", str(kept), "--runs", "3", "--warmup", "1", "--format", "json")
+    assert code == 0
+    assert {(r["model"], r["input_size"]) for r in json.loads(out)} == {("student", 16)}
+    code, out, _ = _run(capsys, "bench", "--bundle", str(kept), "--model", "champion", "--runs", "3", "--warmup", "1",
+                        "--format", "json")
+    assert code == 0 and {(r["model"], r["input_size"]) for r in json.loads(out)} == {("champion", 32)}
+    for which in ([], ["--model", "student"], ["--model", "champion"]):
+        code, out, _ = _run(capsys, "predict", "--bundle", str(kept), *which, str(photos))
+        assert code == 0 and len(out.splitlines()) == 3
+    code, out, _ = _run(capsys, "info", "--bundle", str(kept))
+    info = json.loads(out)
+    assert info["default_model"] == "student" and info["student"]["kept"] and info["student"]["image_size"] == 16
+
+
+def test_asking_for_a_student_the_bundle_lacks_is_a_clear_error(student_bundles, bundle, photos, capsys):
+    _, left_out = student_bundles
+    code, out, _ = _run(capsys, "predict", "--bundle", str(left_out), str(photos))  # default: the champion
+    assert code == 0 and len(out.splitlines()) == 3
+    code, out, err = _run(capsys, "predict", "--bundle", str(left_out), "--model", "student", str(photos))
+    assert code == 2 and out == ""
+    assert "has no edge student" in err and "not faster enough" in err and "--model champion" in err
+    # a bundle exported before students existed: no block at all
+    code, _, err = _run(capsys, "bench", "--bundle", str(bundle), "--model", "student")
+    assert code == 2 and "has no edge student (it was exported without one)" in err

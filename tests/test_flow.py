@@ -35,10 +35,14 @@ out = {
   "champion": run.data.champion,
   # the first run's tasks: in the resumed run they are clones, whose times are the cloning's
   "train_windows": [[t.created_at.timestamp(), t.finished_at.timestamp()] for t in origin["train"].tasks()],
-  "cards": {**{s: len(get_cards(list(origin[s].tasks())[0])) for s in ("prepare", "train", "evaluate")},
+  "cards": {**{s: len(get_cards(list(origin[s].tasks())[0])) for s in ("prepare", "train", "evaluate", "distill")},
             "export": len(get_cards(list(run["export"].tasks())[0]))},
   "eval_card_html": get_cards(list(origin["evaluate"].tasks())[0])[0].get()[:2000000],
   "train_card_html": get_cards(list(origin["train"].tasks())[0])[0].get()[:2000000],
+  "distill_card_html": get_cards(list(origin["distill"].tasks())[0])[0].get()[:2000000],
+  "export_card_html": get_cards(list(run["export"].tasks())[0])[0].get()[:2000000],
+  "student": run.data.student, "student_mlflow_run_id": run.data.student_mlflow_run_id,
+  "mlflow_parent_run_id": run.data.mlflow_parent_run_id,
 }
 print(json.dumps(out))
 """
@@ -60,6 +64,10 @@ def test_flow_end_to_end_and_resume(tiny_dataset, tmp_path):
         "train.models.cnn.arch=tiny_cnn", "train.models.cnn.lr=0.03", "train.models.vit.arch=hybrid_vit_tiny",
         "evaluate.min_macro_f1=0.0", "evaluate.min_accuracy=0.0", "robustness.max_images=12",
         "export.int8.calibration_images=12",
+        # the edge student: the tiny CNN at 16 px, one epoch (its own step, card and MLflow run)
+        "student.arch=tiny_cnn", "student.image_size=16", "student.epochs=1", "student.frozen_blocks=0",
+        "student.lr=0.03", "student.min_speedup=0.001", "student.max_accuracy_drop=1.0",
+        f"student.out_dir={tmp_path / 'student'}",
         f"data.prepared_dir={tmp_path / 'prepared'}", f"train.out_dir={tmp_path / 'train'}",
         f"evaluate.out_dir={tmp_path / 'eval'}", f"export.out_dir={blocker / 'bundles'}",
         "registry.model_name=flowtest-model",
@@ -82,11 +90,12 @@ def test_flow_end_to_end_and_resume(tiny_dataset, tmp_path):
     assert info["successful"]
     # The first run got through evaluate and failed in export (its one task never succeeded) ...
     steps = info["first_run_steps"]
-    assert all(all(ok) for name, ok in steps.items() if name in ("start", "prepare", "train", "evaluate")), steps
+    assert all(all(ok) for name, ok in steps.items()
+               if name in ("start", "prepare", "train", "evaluate", "distill")), steps
     assert steps.get("export") == [False] and "end" not in steps, steps
     # ... and resume re-ran only export and end: every earlier task is a clone of the first run's.
     assert info["cloned"] == {"start": True, "prepare": True, "branch": True, "train": True, "trained": True,
-                              "evaluate": True,
+                              "evaluate": True, "distill": True,
                               "export": False, "end": False}, info["cloned"]
     # The CNN and ViT branches overlap in time (they run in parallel).
     (s1, f1), (s2, f2) = info["train_windows"]
@@ -99,9 +108,20 @@ def test_flow_end_to_end_and_resume(tiny_dataset, tmp_path):
                  "Out-of-distribution score", "OOD score histogram"):
         assert text in evaluate_card, text
 
-    from plantml.bundle import load_bundle
+    # The edge student: distilled in its own step (card, MLflow child run), then shipped or explained.
+    student = info["student"]
+    assert student["status"] == "trained" and len(student["history"]) == 1, student
+    assert "Edge student" in card_text(info["distill_card_html"])
+    assert "Edge student" in card_text(info["export_card_html"])
+
+    from plantml.bundle import load_bundle, load_student_bundle
 
     bundle = load_bundle(info["bundle_path"])
+    block = bundle.metadata["student"]
+    assert block["reason"] and block["gate"]["champion_fp32"]["all"]["n"] > 0, block
+    # the gate here asks for no speed-up and allows any drop: the student is shipped
+    assert block["kept"], block
+    assert load_student_bundle(info["bundle_path"]).input_spec.size == 16
     assert bundle.metadata["lineage"]["metaflow_run_id"] == run2
     assert bundle.metadata["lineage"]["data_manifest_sha256"]
     assert ("onnxruntime", "fp32") in bundle.available() and ("openvino", "fp32") in bundle.available()
@@ -118,6 +138,9 @@ def test_flow_end_to_end_and_resume(tiny_dataset, tmp_path):
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
     assert mv.tags["metaflow_run_id"] == run2
+    student_run = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(info["student_mlflow_run_id"])
+    assert student_run.data.tags["mlflow.parentRunId"] == info["mlflow_parent_run_id"]
+    assert student_run.data.tags["status"] == "trained" and "test_accuracy" in student_run.data.metrics
     children = MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
         [mv.run_id and MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(mv.run_id).info.experiment_id],
         filter_string="tags.mlflow.parentRunId != ''")

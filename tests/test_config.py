@@ -143,3 +143,23 @@ def test_checked_in_schema_is_generated_and_params_yaml_validates():
     bad["train"]["epocs"] = 3
     paths = {"/".join(map(str, e.absolute_path)) for e in validator.iter_errors(bad)}
     assert {"drift/threshold_share", "train/models/cnn/arch", "train"} <= paths
+
+
+# --------------------------------------------------------------------------- issue 16: the edge student
+
+def test_student_section_is_declared():
+    s = load_params().student
+    assert s.enabled and s.image_size < load_params().train.image_size and 0 <= s.alpha <= 1
+    assert load_params().resources.distill.cpu >= 1
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"student.alpha": 2}, r"student\.alpha must be in \[0, 1\], got 2"),
+    ({"student.image_size": 100}, r"student\.image_size must be a multiple of 16"),
+    ({"student.arch": "resnet9000"}, r"student\.arch must be one of"),
+    ({"student.temperature": 0}, r"student\.temperature must be in \(0, 100\]"),
+    ({"student.epocs": 1}, r"unknown parameter student\.epocs"),
+])
+def test_bad_student_values_name_the_key(override, match):
+    with pytest.raises(ParamsError, match=match):
+        load_params(overrides=override)

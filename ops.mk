@@ -118,5 +118,8 @@ edge-binary:  ## single-file dist/plantml-edge (ONNX Runtime + OpenVINO), built 
 	edge/build_binary.sh
 edge-binary-ort:  ## ONNX-Runtime-only dist/plantml-edge-ort (smaller)
 	edge/build_binary.sh --variant onnxruntime --name plantml-edge-ort
+.PHONY: edge-binary-aarch64
+edge-binary-aarch64:  ## dist/plantml-edge-linux-aarch64 for arm64 Linux (Pi, Jetson), built here without emulation (needs mmdebstrap)
+	edge/build_aarch64.sh
 edge-bench: $(STAMP)  ## BUNDLE=... DATA_DIR=... [MANIFEST=...]: edge latency/size/accuracy table
 	$(PY) benchmarks/edge_bench.py --bundle $(or $(BUNDLE),artifacts/bundles/latest) --data-dir $(DATA_DIR) $(if $(MANIFEST),--manifest $(MANIFEST),) --binary dist/plantml-edge --json reports/edge_bench.json

@@ -151,7 +151,42 @@ def step_times(run_id: str, env: dict[str, str], cwd: Path) -> dict[str, float]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def run_one(n: int, sample: Path, scratch: Path, extra: list[str]) -> dict:
+class MemoryCgroup:
+    """A cgroup v1 memory group with a hard limit: what a pod's ``resources.limits.memory`` enforces.
+
+    The flow runs inside it (its processes inherit the group), so a run that needs more than the
+    limit is OOM-killed and fails; page cache (shard reads) counts but is reclaimed first.
+    """
+
+    ROOT = Path("/sys/fs/cgroup/memory")
+
+    def __init__(self, name: str, limit_mb: int) -> None:
+        self.path = self.ROOT / name
+        self.path.mkdir(exist_ok=True)
+        (self.path / "memory.limit_in_bytes").write_text(str(limit_mb * 2**20))
+        self.limit_mb = limit_mb
+
+    def enter(self) -> None:
+        """Move the calling process into the group (use as ``preexec_fn``)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def report(self) -> dict:
+        """Limit, peak usage (resident + page cache), limit hits and OOM kills."""
+        oom = dict(line.split() for line in (self.path / "memory.oom_control").read_text().splitlines())
+        return {"limit_mb": self.limit_mb,
+                "max_usage_mb": int((self.path / "memory.max_usage_in_bytes").read_text()) / 2**20,
+                "failcnt": int((self.path / "memory.failcnt").read_text()),
+                "oom_kills": int(oom.get("oom_kill", 0))}
+
+    def remove(self) -> None:
+        """Delete the (empty) group."""
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
+def run_one(n: int, sample: Path, scratch: Path, extra: list[str], limit_mb: int | None = None) -> dict:
     data = scratch / f"data-{n}"
     if not data.exists():
         t0 = time.time()
@@ -162,29 +197,35 @@ def run_one(n: int, sample: Path, scratch: Path, extra: list[str]) -> dict:
     work.mkdir()
     env = {**os.environ, "METAFLOW_USER": os.environ.get("METAFLOW_USER", "bench"), "PYTHONWARNINGS": "ignore",
            "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-    overrides = " ".join(["train.epochs=1", f"data.prepared_dir={work / 'prepared'}", f"train.out_dir={work / 'train'}",
+    overrides = " ".join(["train.epochs=1", "student.epochs=1", f"data.prepared_dir={work / 'prepared'}",
+                          f"train.out_dir={work / 'train'}",
                           f"evaluate.out_dir={work / 'eval'}", f"export.out_dir={work / 'bundles'}",
                           "registry.model_name=scale-bench", *extra])
     cmd = [sys.executable, str(REPO / "flows" / "train_flow.py"), "run", "--data-dir", str(data), "--set", overrides,
            "--run-id-file", str(work / "run_id")]
+    group = MemoryCgroup(f"plantml-scale-{n}-{os.getpid()}", limit_mb) if limit_mb else None
     t0 = time.time()
     with open(work / "flow.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=group.enter if group else None)
         sampler = TreeSampler(proc.pid)
         sampler.start()
         rc = proc.wait()
         sampler.stop.set()
         sampler.join()
     wall = time.time() - t0
+    cgroup = group.report() if group else None
+    if group:
+        group.remove()
     if rc != 0:
-        raise SystemExit(f"flow failed at N={n}; see {work / 'flow.log'}")
+        raise SystemExit(f"flow failed at N={n} (memory cgroup: {cgroup}); see {work / 'flow.log'}")
     steps = step_times((work / "run_id").read_text().strip(), env, work)
     shards = sum(f.stat().st_size for f in work.rglob("*.tar"))
     return {"n": n, "wall_s": wall, "steps_s": steps, "peak_rss_total_mb": sampler.peak_total / 2**20,
             "peak_pss_total_mb": sampler.peak_pss_total / 2**20,
             "peak_rss_step_mb": {k: v / 2**20 for k, v in sampler.peak_step.items()},
             "peak_pss_breakdown": sampler.peak_breakdown,
-            "shard_bytes": shards}
+            "shard_bytes": shards, "cgroup": cgroup}
 
 
 def machine() -> dict:
@@ -200,6 +241,12 @@ def machine() -> dict:
                 ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "")}
 
 
+def _cgroup_cell(cgroup: dict | None) -> str:
+    if not cgroup:
+        return "not limited"
+    return f"{cgroup['limit_mb'] / 1024:.1f} GB / {cgroup['max_usage_mb'] / 1024:.2f} GB / {cgroup['oom_kills']}"
+
+
 def write_report(results: list[dict], out: Path) -> None:
     import matplotlib
 
@@ -209,8 +256,9 @@ def write_report(results: list[dict], out: Path) -> None:
     info = machine()
     lines = [f"Machine: {info['model']}, {info['cores']} cores, flags {' '.join(info['flags'])}", "",
              "| N images | wall | prepare | train (both branches) | evaluate | export | s per 1k images | "
-             "peak PSS, whole run | peak RSS sum, whole run | peak RSS train step (2 branches) | shards |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak PSS, whole run | peak RSS sum, whole run | peak RSS train step (2 branches) | shards | "
+             "memory cgroup: limit / peak usage / OOM kills |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         s = r["steps_s"]
         lines.append(
@@ -218,7 +266,7 @@ def write_report(results: list[dict], out: Path) -> None:
             f"{s.get('evaluate', 0):.0f} s | {s.get('export', 0):.0f} s | {1000 * r['wall_s'] / r['n']:.0f} | "
             f"{r.get('peak_pss_total_mb', float('nan')) / 1024:.2f} GB | {r['peak_rss_total_mb'] / 1024:.2f} GB | "
             f"{r['peak_rss_step_mb'].get('train', 0) / 1024:.2f} GB | "
-            f"{r['shard_bytes'] / 2**30:.2f} GB |")
+            f"{r['shard_bytes'] / 2**30:.2f} GB | {_cgroup_cell(r.get('cgroup'))} |")
     (out / "scale.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     ns = [r["n"] for r in results]
@@ -245,6 +293,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "bench" / "scale")
     ap.add_argument("--scratch", type=Path, default=None, help="where derived data and runs go (default: a temp dir)")
     ap.add_argument("--set", nargs="*", default=[], help="extra parameter overrides")
+    ap.add_argument("--memory-limit-mb", type=int, default=None,
+                    help="run the flow inside a cgroup v1 memory group with this hard limit (root; fails on OOM)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="plantml-scale-"))
@@ -253,7 +303,7 @@ def main() -> None:
     results = [r for r in json.loads(previous.read_text())["results"] if r["n"] not in args.sizes] \
         if previous.is_file() else []
     for n in args.sizes:
-        results.append(run_one(n, args.sample, scratch, args.set))
+        results.append(run_one(n, args.sample, scratch, args.set, args.memory_limit_mb))
         results.sort(key=lambda r: r["n"])
         print(json.dumps(results[-1]), file=sys.stderr)
         (args.out / "scale.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=2))

@@ -54,6 +54,7 @@ ORT_AARCH64="${PLANTML_ORT_AARCH64:-1.27.0}"
 
 usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { local code=$1; shift; echo "build_aarch64.sh: $*" >&2; exit "$code"; }
+g() { git -c safe.directory="$REPO" -C "$REPO" "$@"; }  # also when run by root on a user's checkout
 say() { echo "build_aarch64.sh: $*" >&2; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -234,9 +235,9 @@ else
 fi
 
 # Dated by the commit (not the clock): the same tree and downloads give the same file.
-EPOCH=$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || date +%s)
+EPOCH=$(g log -1 --format=%ct 2>/dev/null || date +%s)
 {
-  echo "plantml-edge for Linux aarch64, source date $(date -u -d "@$EPOCH" +%Y-%m-%dT%H:%M:%SZ), commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty')"
+  echo "plantml-edge for Linux aarch64, source date $(date -u -d "@$EPOCH" +%Y-%m-%dT%H:%M:%SZ), commit $(g rev-parse --short HEAD 2>/dev/null || echo unknown)$(g diff --quiet 2>/dev/null || echo '+dirty')"
   echo "debian $SUITE arm64 packages:"; sed 's/^/  /' "$R/PLANTML-DEBS"
   echo "wheels:"; printf '  %s\n' "${WHEELS[@]}"
 } > "$STAGE/BUILD-INFO.txt"

@@ -232,8 +232,8 @@ def test_reports_errors_like_the_x86_binary(run, colour_bundle, tmp_path):
 # --------------------------------------------------------------------------- real photos vs x86-64
 
 
-def _x86_reference(bundle: Path, photos: list[Path]) -> tuple[str, list[dict]]:
-    args = ["predict", "--bundle", str(bundle), "--runtime", "onnxruntime", "--precision", "fp32",
+def _x86_reference(bundle: Path, precision: str, photos: list[Path]) -> tuple[str, list[dict]]:
+    args = ["predict", "--bundle", str(bundle), "--runtime", "onnxruntime", "--precision", precision,
             *map(str, photos)]
     x86 = os.environ.get("PLANTML_EDGE_BINARY")
     cmd, what = ([x86, *args], x86) if x86 else ([sys.executable, "-m", "edge", *args], "python -m edge")
@@ -245,21 +245,27 @@ def _x86_reference(bundle: Path, photos: list[Path]) -> tuple[str, list[dict]]:
 
 def test_same_top1_as_x86_64_on_20_real_photos(run):
     sample, bundle = real_sample_bundle()
-    photos = [p for p, _ in held_out_photos(sample, bundle, 20)]
-    truth = {str(p): cls for p, cls in held_out_photos(sample, bundle, 20)}
-    t0 = time.perf_counter()
-    out = run("predict", "--bundle", str(bundle), "--runtime", "onnxruntime", "--precision", "fp32",
-              *map(str, photos), timeout=1200)
-    seconds = time.perf_counter() - t0
-    assert out.returncode == 0, out.stderr
-    arm = [json.loads(line) for line in out.stdout.splitlines()]
-    what, ref = _x86_reference(bundle, photos)
-    assert [r["path"] for r in arm] == [r["path"] for r in ref] == list(map(str, photos))
-    differ = [(a["path"], a["top_k"][0]["label"], r["top_k"][0]["label"])
-              for a, r in zip(arm, ref) if a["top_k"][0]["label"] != r["top_k"][0]["label"]]
-    assert not differ, f"aarch64 and x86-64 ({what}) disagree on: {differ}"
-    gap = max(abs(a["confidence"] - r["confidence"]) for a, r in zip(arm, ref))
-    correct = sum(a["top_k"][0]["label"] == truth[a["path"]] for a in arm)
-    print(f"aarch64 vs x86-64 ({what}): same top-1 on {len(arm)}/20, max confidence gap {gap:.2e}, "
-          f"{correct}/20 correct; 20 photos in {seconds:.1f} s including start-up "
-          f"({'native' if NATIVE else 'emulated'})")
+    held_out = held_out_photos(sample, bundle, 20)
+    photos = [p for p, _ in held_out]
+    truth = {str(p): cls for p, cls in held_out}
+    files = json.loads((bundle / "metadata.json").read_text())["files"]
+    precisions = sorted({f["precision"] for f in files if f.get("runtime") == "onnxruntime"
+                         and f.get("role", "model") == "model"})
+    assert "fp32" in precisions, precisions
+    for precision in precisions:  # the real-sample bundle has FP32 only; INT8 too where a bundle has it
+        t0 = time.perf_counter()
+        out = run("predict", "--bundle", str(bundle), "--runtime", "onnxruntime", "--precision", precision,
+                  *map(str, photos), timeout=1200)
+        seconds = time.perf_counter() - t0
+        assert out.returncode == 0, out.stderr
+        arm = [json.loads(line) for line in out.stdout.splitlines()]
+        what, ref = _x86_reference(bundle, precision, photos)
+        assert [r["path"] for r in arm] == [r["path"] for r in ref] == list(map(str, photos))
+        differ = [(a["path"], a["top_k"][0]["label"], r["top_k"][0]["label"])
+                  for a, r in zip(arm, ref) if a["top_k"][0]["label"] != r["top_k"][0]["label"]]
+        assert not differ, f"{precision}: aarch64 and x86-64 ({what}) disagree on: {differ}"
+        gap = max(abs(a["confidence"] - r["confidence"]) for a, r in zip(arm, ref))
+        correct = sum(a["top_k"][0]["label"] == truth[a["path"]] for a in arm)
+        print(f"{precision}: aarch64 vs x86-64 ({what}): same top-1 on {len(arm)}/20, max confidence gap "
+              f"{gap:.2e}, {correct}/20 correct; 20 photos in {seconds:.1f} s including start-up "
+              f"({'native' if NATIVE else 'emulated'})")

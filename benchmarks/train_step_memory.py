@@ -11,7 +11,10 @@ last step and the peak (VmHWM). Settings alternate per round so that load hits a
         --mmap-thresholds none 4194304 1048576 --out reports/bench/train_step_memory.json
 
 ``none`` is glibc's default (dynamic mmap threshold, one arena per thread); a number fixes
-``M_MMAP_THRESHOLD`` (bytes) and sets ``M_ARENA_MAX=2``, as the service does.
+``M_MMAP_THRESHOLD`` (bytes) and sets ``M_ARENA_MAX=2``, as the service does; ``micro:K``
+keeps glibc's default and runs the step in micro-batches of K images (``train.micro_batch_size``)::
+
+    .venv/bin/python benchmarks/train_step_memory.py --rounds 3 --mmap-thresholds none micro:16 micro:8
 """
 
 from __future__ import annotations
@@ -26,29 +29,33 @@ from pathlib import Path
 
 CHILD = r"""
 import ctypes, json, os, statistics, sys, time
-threshold = sys.argv[2]
+setting = sys.argv[2]
+micro = int(setting.split(":")[1]) if setting.startswith("micro:") else 0
+threshold = "none" if micro else setting
 if threshold != "none":
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-8, 2)               # M_ARENA_MAX
     libc.mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD
 import torch
 torch.set_num_threads(1)
-from plantml.models import create_model, freeze_stages
+from plantml.config import load_params
+from plantml.models import create_model, freeze_stages, keep_frozen_in_eval
+from plantml.training.epoch import accumulate_gradients
 arch, steps, size, batch, frozen = sys.argv[1], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 model = create_model(arch, num_classes=34, pretrained=True, image_size=size)
 freeze_stages(model, frozen)
+model = model.to(memory_format=torch.channels_last)  # as plantml.training.model.build_model does
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
 y = torch.randint(0, 34, (batch,))
 model.train()
+keep_frozen_in_eval(model)
+params = load_params(overrides={"train.micro_batch_size": micro, "train.label_smoothing": 0.0}).train
 times = []
 for _ in range(steps):
     t0 = time.perf_counter()
-    out = model(x)
-    out = out[0] if isinstance(out, tuple) else out
-    loss = torch.nn.functional.cross_entropy(out, y)
     opt.zero_grad()
-    loss.backward()
+    accumulate_gradients(model, x, y, params, "cpu")  # the flow's own step (micro-batches when micro > 0)
     opt.step()
     times.append(time.perf_counter() - t0)
 status = {l.split(":")[0]: int(l.split()[1]) / 1024

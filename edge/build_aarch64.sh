@@ -299,8 +299,9 @@ if [ ! -f "$dir/.complete" ]; then
   fi
   : > "$tmp/.complete"
   if [ -L "$dir" ] && [ ! -f "$dir/.complete" ]; then rm -f "$dir"; fi  # its target was deleted
-  # ln -s is atomic: of two first runs racing, one link wins and the other copy is removed.
-  ln -s ".tmp.$$" "$dir" 2>/dev/null || rm -rf "$tmp"
+  # ln -sn is atomic and fails if the link exists: of two first runs racing, one link wins
+  # and the other copy is removed (-n: never create the link inside the linked folder).
+  ln -sn ".tmp.$$" "$dir" 2>/dev/null || rm -rf "$tmp"
 fi
 ld=$dir/lib/ld-linux-aarch64.so.1
 py=$dir/usr/bin/python3.11

@@ -12,7 +12,8 @@ last step and the peak (VmHWM). Settings alternate per round so that load hits a
 
 ``none`` is glibc's default (dynamic mmap threshold, one arena per thread); a number fixes
 ``M_MMAP_THRESHOLD`` (bytes) and sets ``M_ARENA_MAX=2``, as the service does; ``micro:K``
-keeps glibc's default and runs the step in micro-batches of K images (``train.micro_batch_size``)::
+keeps glibc's default and runs the step in micro-batches of K images (``train.micro_batch_size``);
+``ckpt`` turns on timm's gradient checkpointing instead::
 
     .venv/bin/python benchmarks/train_step_memory.py --rounds 3 --mmap-thresholds none micro:16 micro:8
 """
@@ -31,7 +32,8 @@ CHILD = r"""
 import ctypes, json, os, statistics, sys, time
 setting = sys.argv[2]
 micro = int(setting.split(":")[1]) if setting.startswith("micro:") else 0
-threshold = "none" if micro else setting
+checkpointing = setting == "ckpt"
+threshold = "none" if micro or checkpointing else setting
 if threshold != "none":
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-8, 2)               # M_ARENA_MAX
@@ -50,6 +52,8 @@ x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_la
 y = torch.randint(0, 34, (batch,))
 model.train()
 keep_frozen_in_eval(model)
+if checkpointing:
+    model.set_grad_checkpointing(True)  # timm: recompute each block's forward during backward
 params = load_params(overrides={"train.micro_batch_size": micro, "train.label_smoothing": 0.0}).train
 times = []
 for _ in range(steps):

@@ -34,7 +34,7 @@ import psutil
 from PIL import Image, ImageEnhance
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = ("start", "prepare", "train", "evaluate", "export", "end")
+STEPS = ("start", "prepare", "train", "evaluate", "distill", "export", "end")
 
 
 def derive_dataset(sample: Path, n: int, out: Path, seed: int = 0) -> None:
@@ -255,22 +255,23 @@ def write_report(results: list[dict], out: Path) -> None:
 
     info = machine()
     lines = [f"Machine: {info['model']}, {info['cores']} cores, flags {' '.join(info['flags'])}", "",
-             "| N images | wall | prepare | train (both branches) | evaluate | export | s per 1k images | "
+             "| N images | wall | prepare | train (both branches) | evaluate | distill | export | s per 1k images | "
              "peak PSS, whole run | peak RSS sum, whole run | peak RSS train step (2 branches) | shards | "
              "memory cgroup: limit / peak usage / OOM kills |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         s = r["steps_s"]
         lines.append(
             f"| {r['n']:,} | {r['wall_s'] / 60:.1f} min | {s.get('prepare', 0):.0f} s | {s.get('train', 0):.0f} s | "
-            f"{s.get('evaluate', 0):.0f} s | {s.get('export', 0):.0f} s | {1000 * r['wall_s'] / r['n']:.0f} | "
+            f"{s.get('evaluate', 0):.0f} s | {s.get('distill', 0):.0f} s | {s.get('export', 0):.0f} s | "
+            f"{1000 * r['wall_s'] / r['n']:.0f} | "
             f"{r.get('peak_pss_total_mb', float('nan')) / 1024:.2f} GB | {r['peak_rss_total_mb'] / 1024:.2f} GB | "
             f"{r['peak_rss_step_mb'].get('train', 0) / 1024:.2f} GB | "
             f"{r['shard_bytes'] / 2**30:.2f} GB | {_cgroup_cell(r.get('cgroup'))} |")
     (out / "scale.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     ns = [r["n"] for r in results]
-    for step in ("prepare", "train", "evaluate", "export"):
+    for step in ("prepare", "train", "evaluate", "distill", "export"):
         axes[0].plot(ns, [r["steps_s"].get(step, 0) for r in results], marker="o", label=step)
     axes[0].plot(ns, [r["wall_s"] for r in results], marker="o", color="k", label="whole run")
     axes[0].set(xlabel="images", ylabel="seconds", title="wall time per step")

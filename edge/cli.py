@@ -135,11 +135,12 @@ def _fail(message: str) -> int:
 
 
 def _which(args: argparse.Namespace) -> str:
-    """``--model``, or the bundle's default (its edge student when it has one)."""
+    """``--model``, or the bundle's default (its edge student when it has one, in the precision asked for)."""
     from edge.runtime import default_model
 
     if getattr(args, "model", None) is None:
-        args.model = default_model(args.bundle)
+        precision = getattr(args, "precision", None)
+        args.model = default_model(args.bundle, None if precision == "all" else precision)
         log.info("model: %s (the bundle's default)", args.model)
     return args.model
 

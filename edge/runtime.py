@@ -60,9 +60,15 @@ EdgeError = InferenceError
 MODELS = ("champion", "student")
 
 
-def default_model(bundle_dir: str | os.PathLike[str]) -> str:
-    """``"student"`` when the bundle ships an edge student, else ``"champion"``."""
-    return "student" if student_block(bundle_dir) else "champion"
+def default_model(bundle_dir: str | os.PathLike[str], precision: str | None = None) -> str:
+    """``"student"`` when the bundle ships an edge student (with a ``precision`` model, if one is named),
+    else ``"champion"``."""
+    block = student_block(bundle_dir)
+    if not block:
+        return "champion"
+    shipped = block.get("models")
+    return "student" if precision is None or shipped is None or any(
+        m.endswith(f"_{precision}") for m in shipped) else "champion"
 
 
 class EdgeModel:

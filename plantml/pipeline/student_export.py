@@ -13,18 +13,20 @@ gets a ``student`` block that pins ``student/metadata.json`` by sha256
 **The gate** (both parts, on the same stratified test subset as the champion's INT8 gate,
 each model through the session it will run in):
 
-* accuracy: every student model shipped (FP32 and each kept INT8) is at most
-  ``student.max_accuracy_drop`` below the champion FP32 (ONNX Runtime) on those images,
-  overall and in every domain present;
-* speed: the champion's fastest model over the student's fastest, batch 1, 1 thread,
-  median of 30 runs, at least ``student.min_speedup``.
+* accuracy: a student model (FP32, or an INT8 kept by its own INT8 gate) is shipped only
+  if it is at most ``student.max_accuracy_drop`` below the champion FP32 (ONNX Runtime) on
+  those images, overall and in every domain present; the others are removed from
+  ``student/`` (``student_gate_left_out`` in its metadata, ``gate.left_out`` with the figures);
+* speed: the champion's fastest model over the fastest student model that passed, batch 1,
+  1 thread, median of 30 runs, at least ``student.min_speedup``.
 
-A student that fails (or was never trained) is removed from the bundle and the block says
-why (``kept: false``, ``reason``) — never silently.
+A student with no model passing, or not faster (or never trained), is removed from the
+bundle and the block says why (``kept: false``, ``reason``) — never silently.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -115,7 +117,10 @@ def _export_and_gate(params: Params, student: Mapping[str, Any], index: sh.Shard
         "int8": sub_meta.get("int8"),
     }
     if gate["passed"]:
+        if gate["left_out"]:
+            drop_models(root / STUDENT_DIR, list(gate["left_out"]))
         block["metadata_sha256"] = sha256_file(root / STUDENT_DIR / METADATA_FILE)
+        block["models"] = gate["shipped"]
     else:
         shutil.rmtree(root / STUDENT_DIR, ignore_errors=True)
         block["path"] = None
@@ -182,28 +187,52 @@ def gate_student(params: Params, champion_models: Sequence[tuple[str, str, Path]
     threads = available_cores()
     reference = next(p for r, pr, p in champion_models if r == "onnxruntime" and pr == "fp32")
     champ = _accuracy(predict_labels(batch_runner(reference, "onnxruntime", threads), x_champ), y, domains)
-    student_acc, failures = {}, []
+    student_acc, left_out = {}, {}
     for runtime, precision, path in student_models:
-        acc = _accuracy(predict_labels(batch_runner(path, runtime, threads), x_student), y, domains)
-        student_acc[f"{runtime}_{precision}"] = acc
-        for d, a in acc.items():
-            drop = champ[d]["accuracy"] - a["accuracy"]
-            if drop > s.max_accuracy_drop + 1e-9:
-                failures.append(f"{runtime} {precision} on {d}: {a['accuracy']:.4f} vs champion "
-                                f"{champ[d]['accuracy']:.4f} (drop {drop * 100:.2f} pt > "
-                                f"{s.max_accuracy_drop * 100:.2f})")
+        name = f"{runtime}_{precision}"
+        student_acc[name] = acc = _accuracy(predict_labels(batch_runner(path, runtime, threads), x_student), y, domains)
+        bad = [f"{d} {a['accuracy']:.4f} vs champion {champ[d]['accuracy']:.4f}" for d, a in acc.items()
+               if champ[d]["accuracy"] - a["accuracy"] > s.max_accuracy_drop + 1e-9]
+        if bad:
+            left_out[name] = f"{name}: " + ", ".join(bad)
+    passing = [k for k in student_acc if k not in left_out]
     latency = {"champion": _latencies(champion_models, x_champ), "student": _latencies(student_models, x_student)}
-    best_c, best_s = min(latency["champion"].values()), min(latency["student"].values())
-    speedup = best_c / best_s if best_s > 0 else 0.0
-    if speedup < s.min_speedup:
-        failures.append(f"not faster enough: champion's fastest {best_c:.2f} ms / student's fastest {best_s:.2f} ms "
-                        f"= {speedup:.2f}x < {s.min_speedup}x")
-    reason = "; ".join(failures) if failures else (
-        f"every student model within {s.max_accuracy_drop * 100:.2f} pt of the champion FP32 (overall and per "
-        f"domain) and {speedup:.2f}x faster ({best_c:.2f} -> {best_s:.2f} ms, 1 thread)")
-    return {"passed": not failures, "reason": reason, "max_accuracy_drop": s.max_accuracy_drop,
-            "min_speedup": s.min_speedup, "n_images": int(len(y)), "champion_fp32": champ, "student": student_acc,
-            "latency_ms": latency, "latency": "batch 1, 1 thread, median of 30 runs", "speedup": speedup}
+    best_c = min(latency["champion"].values())
+    best_s = min(latency["student"][k] for k in passing) if passing else None
+    speedup = best_c / best_s if best_s else 0.0
+    if not passing:
+        reason = f"no student model within {s.max_accuracy_drop * 100:.2f} pt of the champion FP32: " + \
+            "; ".join(left_out.values())
+    elif speedup < s.min_speedup:
+        reason = (f"not faster enough: champion's fastest {best_c:.2f} ms / student's fastest within the accuracy "
+                  f"gate {best_s:.2f} ms = {speedup:.2f}x < {s.min_speedup}x")
+    else:
+        reason = (f"{', '.join(passing)} within {s.max_accuracy_drop * 100:.2f} pt of the champion FP32 (overall and "
+                  f"per domain), {speedup:.2f}x faster ({best_c:.2f} -> {best_s:.2f} ms, 1 thread)")
+        if left_out:
+            reason += "; left out (accuracy): " + "; ".join(left_out.values())
+    passed = bool(passing) and speedup >= s.min_speedup
+    return {"passed": passed, "reason": reason, "shipped": passing if passed else [], "left_out": left_out,
+            "max_accuracy_drop": s.max_accuracy_drop, "min_speedup": s.min_speedup, "n_images": int(len(y)),
+            "champion_fp32": champ, "student": student_acc, "latency_ms": latency,
+            "latency": "batch 1, 1 thread, median of 30 runs", "speedup": speedup}
+
+
+def drop_models(sub_dir: Path, names: Sequence[str]) -> None:
+    """Remove the student models that missed the accuracy gate from its sub-bundle (files and ``files`` list)."""
+    meta_path = sub_dir / METADATA_FILE
+    meta = json.loads(meta_path.read_text())
+    gone = [f for f in meta["files"] if f"{f['runtime']}_{f['precision']}" in names]
+    for f in gone:
+        (sub_dir / f["path"]).unlink(missing_ok=True)
+        parent = (sub_dir / f["path"]).parent
+        if parent != sub_dir and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+    meta["files"] = [f for f in meta["files"] if f not in gone]
+    meta["student_gate_left_out"] = sorted(names)
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, meta_path)
 
 
 def _latencies(models: Sequence[tuple[str, str, Path]], x: np.ndarray) -> dict[str, float]:

@@ -44,12 +44,12 @@ SECURITY_MIRROR="${PLANTML_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-
 SUITE=bookworm  # glibc 2.36, CPython 3.11: Raspberry Pi OS bookworm, Ubuntu 22.04+, Jetson L4T 36
 DEBS="python3.11-minimal,libpython3.11-stdlib,libstdc++6,libgcc-s1,zlib1g,libexpat1,libffi8"
 
-# ONNX Runtime for aarch64 is pinned apart from constraints.txt (x86-64: 1.32.0): 1.28.0 and
-# newer aarch64 wheels crash (SIGSEGV while `import onnxruntime` loads its extension) under
-# Debian 12's qemu-aarch64 7.2, with the default, cortex-a72 and cortex-a76 CPU models alike, so
-# `make test` could not check them; 1.27.0 is the newest that runs there (checked 2026-12-05 on
-# 1.20.1, 1.24.4, 1.25.1, 1.26.0, 1.27.0: work; 1.28.0, 1.32.0: crash). The GitHub arm64 job
-# runs this same build on real hardware. Move the pin up when the emulator on CI can run it.
+# ONNX Runtime for aarch64 is pinned apart from constraints.txt (x86-64: 1.32.0): its aarch64
+# wheels from 1.28.0 on crash (SIGSEGV while `import onnxruntime` loads its extension) under
+# Debian 12's qemu-aarch64 7.2 (1.32.0 with the default and cortex-a72 CPU models alike), so
+# `make test` could not check them; 1.27.0 is the newest that runs there (2026-12-05: 1.20.1,
+# 1.24.4, 1.25.1, 1.26.0, 1.27.0 work; 1.28.0, 1.29.0, 1.31.1, 1.32.0 crash). The GitHub arm64
+# job runs this build on real hardware. Move the pin up when CI's emulator runs a newer one.
 ORT_AARCH64="${PLANTML_ORT_AARCH64:-1.27.0}"
 
 usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }

@@ -144,8 +144,10 @@ def test_student_kept_when_it_passes_its_gate(distilled, tmp_path):
     champion = load_bundle(path)
     assert all(not f["path"].startswith("student/") for f in champion.metadata["files"])
     sub = load_student_bundle(path)
-    assert sub.input_spec.size == 16 and sub.classes == champion.classes and sub.ood_threshold > 0
-    assert student_block(path)["image_size"] == 16
+    # its input is the champion's (32 px); the model downscales to 16 px inside
+    assert sub.input_spec.size == 32 and sub.metadata["model_resolution"] == 16
+    assert sub.classes == champion.classes and sub.ood_threshold > 0
+    assert student_block(path)["image_size"] == 16 and block["models"] == ["onnxruntime_fp32", "openvino_fp32"]
     # a student whose metadata was swapped is refused
     (path / "student" / "metadata.json").write_text((path / "student" / "metadata.json").read_text() + " ")
     with pytest.raises(BundleError, match="pinned digest"):

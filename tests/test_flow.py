@@ -121,7 +121,7 @@ def test_flow_end_to_end_and_resume(tiny_dataset, tmp_path):
     assert block["reason"] and block["gate"]["champion_fp32"]["all"]["n"] > 0, block
     # the gate here asks for no speed-up and allows any drop: the student is shipped
     assert block["kept"], block
-    assert load_student_bundle(info["bundle_path"]).input_spec.size == 16
+    assert load_student_bundle(info["bundle_path"]).metadata["model_resolution"] == 16
     assert bundle.metadata["lineage"]["metaflow_run_id"] == run2
     assert bundle.metadata["lineage"]["data_manifest_sha256"]
     assert ("onnxruntime", "fp32") in bundle.available() and ("openvino", "fp32") in bundle.available()

@@ -185,8 +185,11 @@ def runtime_rows(bundle: Bundle, args: argparse.Namespace, x: np.ndarray, y: np.
         name = ("student " if who == "student" else "") + f"{runtime} {precision}" + (f" ({hint} hint)" if hint else "")
         if (runtime, precision) not in bundle.available() or not runtime_installed(runtime):
             gate = bundle.metadata.get("int8", {}).get("results", {}).get(runtime, {})
+            note = gate.get("why", "not in bundle / runtime not installed") if precision == "int8" else "not in bundle"
+            if f"{runtime}_{precision}" in bundle.metadata.get("student_gate_left_out", []):
+                note = "left out by the student's gate (accuracy vs the champion FP32)"
             rows.append({"name": name, "runtime": runtime, "precision": precision, "hint": hint, "missing": True,
-                         "who": who, "note": gate.get("why", "not in bundle / runtime not installed")})
+                         "who": who, "note": note})
             continue
         model = EdgeModel(args.bundle, runtime=runtime, precision=precision, threads=args.threads, openvino_f32=f32,
                           model=who)

@@ -211,15 +211,21 @@ def make_loader(index: sh.ShardIndex, split: str, batch_size: int, *, train: boo
 
 
 def to_model_input(images: Any, spec: InputSpec, device: str = "cpu", channels_last: bool = True) -> Any:
-    """``uint8 [B,H,W,3]`` tensor -> normalised ``float32 [B,3,H,W]`` on ``device``.
+    """``uint8 [B,H,W,3]`` tensor -> normalised ``float32 [B,3,S,S]`` on ``device``, ``S = spec.size``.
 
     The same maths as :func:`plantml.preprocess.normalize` (``(x/255 - mean) / std``),
-    done after the copy so that only bytes cross to a GPU.
+    done after the copy so that only bytes cross to a GPU. Images of another side (the
+    edge student fed the champion's shards) are resized after normalising (linear, so the
+    same as resizing the pixels first) with antialiased bilinear interpolation — the
+    downscale the student is exported behind (``plantml.pipeline.student_export.downscaled``).
     """
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     x = (x - mean) / std
+    if x.shape[-2:] != (spec.size, spec.size):
+        x = torch.nn.functional.interpolate(x, size=(spec.size, spec.size), mode="bilinear", antialias=True,
+                                            align_corners=False)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 

@@ -34,12 +34,11 @@ from plantml.bundle import sha256_file
 from plantml.config import Params
 from plantml.evaluation import classification_metrics, domain_metrics
 from plantml.models import create_model, freeze_stages, input_normalization
-from plantml.models.scored import features_and_logits
-from plantml.pipeline.samples import domains_of, load_manifest, subset_samples
+from plantml.pipeline.scoring import fit_detector, score_split
 from plantml.preprocess import InputSpec, softmax
 from plantml.resources import available_cores
 from plantml.training import load_checkpoint, measure_latency_ms, save_checkpoint
-from plantml.training.distill import DistillConfig, distill, resized_input
+from plantml.training.distill import DistillConfig, distill
 
 log = logging.getLogger(__name__)
 
@@ -151,45 +150,6 @@ def _build_student(params: Params, teacher: Any, teacher_result: Mapping[str, An
     return student.to(memory_format=torch.channels_last), init, frozen
 
 
-def _scores(model: Any, index: sh.ShardIndex, split: str, spec: InputSpec,
-            detector: Any) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray | None]:
-    """``(logits, labels, keys, ood scores or None)`` of the student over a split at its resolution."""
-    import torch
-
-    from plantml.loader import make_loader  # torch at import
-
-    logits, labels, keys, scores = [], [], [], []
-    model.eval()
-    with torch.inference_mode():
-        for images, y, k in make_loader(index, split, 64, with_key=True):
-            feats, lg = features_and_logits(model, resized_input(images, spec))
-            logits.append(lg.float().numpy())
-            labels.append(y.numpy())
-            keys += list(k)
-            if detector is not None:
-                scores.append(detector.score(feats.float().numpy()))
-    n = len(index.classes)
-    return (np.concatenate(logits) if logits else np.zeros((0, n), np.float32),
-            np.concatenate(labels) if labels else np.zeros(0, np.int64), keys,
-            np.concatenate(scores) if detector is not None and scores else None)
-
-
-def _fit_detector(params: Params, model: Any, index: sh.ShardIndex, spec: InputSpec) -> Any:
-    """The student's OOD detector on its own penultimate features of a training subset (as the champion's)."""
-    import torch
-
-    c = params.calibration
-    samples = subset_samples(index, "train", c.ood_max_fit_images, params.data.seed)
-    feats = []
-    model.eval()
-    with torch.inference_mode():
-        for i in range(0, len(samples), 64):
-            x = resized_input(torch.from_numpy(np.stack([t.pixels for t in samples[i:i + 64]])), spec)
-            feats.append(features_and_logits(model, x)[0].float().numpy())
-    labels = np.array([t.label for t in samples])
-    return ood.fit_feature_detector(np.concatenate(feats), labels, len(index.classes), c.ood_components)
-
-
 def evaluate_student(params: Params, model: Any, index: sh.ShardIndex, spec: InputSpec,
                      report: Mapping[str, Any], out: Path) -> dict[str, Any]:
     """The student's test metrics (overall, per domain), calibration, OOD threshold and FP32 comparison.
@@ -198,9 +158,11 @@ def evaluate_student(params: Params, model: Any, index: sh.ShardIndex, spec: Inp
         ``{"metrics", "by_domain", "calibration", "ood", "vs_champion_fp32"}`` (plain data).
     """
     c = params.calibration
-    detector = _fit_detector(params, model, index, spec) if c.ood_enabled else None
-    val_lg, val_y, _, val_s = _scores(model, index, "val", spec, detector)
-    test_lg, test_y, keys, test_s = _scores(model, index, "test", spec, detector)
+    # the champion's scoring: the loader resizes its shards to the student's side
+    detector = fit_detector(params, model, index, spec) if c.ood_enabled else None
+    val, test = (score_split(model, index, split, spec, detector) for split in ("val", "test"))
+    val_lg, val_y, val_s = val.logits, val.labels, val.ood_scores
+    test_lg, test_y, test_s = test.logits, test.labels, test.ood_scores
     classes = list(index.classes)
     masks: dict[str, np.ndarray] = {}
     ood_block = None
@@ -213,7 +175,7 @@ def evaluate_student(params: Params, model: Any, index: sh.ShardIndex, spec: Inp
     summary = cal.calibration_summary(val_lg, val_y, test_lg, test_y, c.target_precision, c.min_coverage, **masks)
     metrics = classification_metrics(test_y, softmax(test_lg), classes)
     by_domain = domain_metrics(test_y, softmax(test_lg, summary["temperature"]),
-                               domains_of(keys, load_manifest(index)), classes, summary["abstain_threshold"],
+                               test.domains, classes, summary["abstain_threshold"],
                                masks.get("test_in_distribution"))
     champ = report["models"][report["champion"]]
     return {

@@ -86,18 +86,11 @@ def distillation_loss(student_logits: Any, teacher_logits: Any, labels: Any, tem
 def resized_input(images: Any, spec: InputSpec, device: str = "cpu") -> Any:
     """``uint8 [B,H,W,3]`` -> the normalised ``float32 [B,3,S,S]`` input of a model of side ``spec.size``.
 
-    Normalisation is linear, so resizing after it equals resizing the pixels first.
+    :func:`plantml.loader.to_model_input` resizes when the images' side differs.
     """
-    import torch
-    import torch.nn.functional as F
-
     from plantml.loader import to_model_input  # torch at import: see the module docstring
 
-    x = to_model_input(images, spec, device)
-    if x.shape[-1] != spec.size or x.shape[-2] != spec.size:
-        x = F.interpolate(x, size=(spec.size, spec.size), mode="bilinear", antialias=True, align_corners=False)
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    return to_model_input(images, spec, device)
 
 
 def distill_epoch(student: Any, teacher: Any, batches: Any, steps: int, optimizer: Any, scheduler: Any,

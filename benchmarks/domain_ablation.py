@@ -10,7 +10,9 @@ temperature on validation, and score the test split per domain. Usage::
     nice -n 5 .venv/bin/python benchmarks/domain_ablation.py --variant almost-lab-only --field-weight 0.01 ...
 
 Each run appends one JSON line (lab/field accuracy, macro-F1, Wilson 95 % interval of
-field accuracy, ECE per domain, coverage, train seconds, lscpu flags). The field test
+field accuracy, ECE per domain, coverage, the share of generated non-leaf images and non-leaf
+photos abstained under the flow's whole rule (OOD score + confidence), train seconds, lscpu
+flags). The field test
 split holds 30 % of the field photos (``data.domains.field.split``: 72 of 240), never
 trained on.
 """
@@ -36,7 +38,11 @@ from plantml import calibration as cal  # noqa: E402
 from plantml.config import Params, load_params, parse_override  # noqa: E402
 from plantml.evaluation import domain_metrics  # noqa: E402
 from plantml.pipeline import _shortcut_report, _torch_proba, load_manifest  # noqa: E402
+from plantml import ood  # noqa: E402
 from plantml.pipeline import prepare, score_split, train_branch  # noqa: E402
+from plantml.pipeline.beyond_split import non_leaf_inputs, non_leaf_report  # noqa: E402
+from plantml.pipeline.results import CalibrationResult  # noqa: E402
+from plantml.pipeline.scoring import fit_detector  # noqa: E402
 from plantml.preprocess import InputSpec, softmax  # noqa: E402
 from plantml.shards import ShardIndex, load_index  # noqa: E402
 from plantml.training import TrainResult, load_checkpoint  # noqa: E402
@@ -139,16 +145,22 @@ def score_variant(params: Params, result: TrainResult, index: ShardIndex) -> dic
     model, _ = load_checkpoint(result.checkpoint_path)
     spec = InputSpec(size=result.image_size, mean=tuple(result.mean), std=tuple(result.std))
     rows = load_manifest(index)
-    val, test = (score_split(model, index, s, spec, rows=rows) for s in ("val", "test"))
-    # The flow's calibration (temperature + confidence threshold on validation; no OOD score here).
+    detector = fit_detector(params, model, index, spec)
+    val, test = (score_split(model, index, s, spec, detector=detector, rows=rows) for s in ("val", "test"))
+    ood_threshold = ood.choose_ood_threshold(val.ood_scores, params.calibration.ood_acceptance)
+    # The flow's calibration: temperature + confidence threshold on validation. The per-domain
+    # coverage below is the confidence rule's; the non-leaf rates use the whole rule (OOD score too).
     calib = cal.calibration_summary(val.logits, val.labels, test.logits, test.labels,
                                     params.calibration.target_precision, params.calibration.min_coverage)
     temperature = calib["temperature"]
     by_domain = domain_metrics(test.labels, softmax(test.logits, temperature), test.domains, index.classes,
                                calib["abstain_threshold"])
     shortcut = _shortcut_report(params, _torch_proba(model, spec, temperature), index, rows, index.classes)
+    non_leaf = non_leaf_report(model, spec, CalibrationResult.from_summary(calib), detector, ood_threshold,
+                               *non_leaf_inputs(params, spec.size))
     return {"temperature": temperature, "abstain_threshold": calib["abstain_threshold"],
-            "by_domain": by_domain, "shortcut": shortcut}
+            "by_domain": by_domain, "shortcut": shortcut,
+            "non_leaf": {k: v for k, v in non_leaf.items() if not k.endswith("scores")}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                     for d, m in scores["by_domain"].items()},
         "shortcut": {k: scores["shortcut"].get(k) for k in ("n", "n_no_mask", "target_rate", "target_rate_original",
                                                             "accuracy_original", "accuracy_pasted")},
+        "non_leaf": scores["non_leaf"], "outlier_exposure": params.train.outlier_exposure,
+        "frozen_blocks": params.train.models["cnn"].frozen_blocks,
         "image_size": params.train.image_size, "epochs": params.train.epochs,
         "cpu": cpu_flags(), "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M"),
     })

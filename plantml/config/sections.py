@@ -128,6 +128,9 @@ class TrainParams:
     shuffle_buffer: int = param(512, "samples per loader worker's shuffle buffer", ge=0)
     background_replace: float = param(0.0, "share of plain-backdrop (lab) training images put on a random "
                                            "cluttered background (augmentation)", ge=0, le=1)
+    outlier_exposure: float = param(0.0, "leafless random backgrounds added to each batch, per labelled image, "
+                                         "trained towards a uniform prediction (Outlier Exposure): the model learns "
+                                         "to be unsure when there is no leaf", ge=0, le=1)
     distributed: DistributedParams = param(doc="data-parallel training", factory=DistributedParams)
     seed: int = param(42, "seed of initialisation, augmentation and order", ge=0)
     out_dir: str = param("artifacts/train", "where `plantml train` writes each model", pattern=r"\S")

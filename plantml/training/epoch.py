@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -11,11 +12,13 @@ from plantml.config import TrainParams
 from plantml.metrics import macro_f1
 from plantml.models import keep_frozen_in_eval
 from plantml.preprocess import InputSpec
+from plantml.training.outliers import classification_loss, with_outliers
 from plantml.training.records import DistributedContext
 
 
 def train_one_epoch(model: Any, loader: Any, steps: int, optimizer: Any, scheduler: Any, spec: InputSpec,
-                    train_params: TrainParams, device: str, progress_desc: str | None = None) -> dict[str, float]:
+                    train_params: TrainParams, device: str, progress_desc: str | None = None,
+                    outliers: Callable[[int], Any] | None = None) -> dict[str, float]:
     """One pass of at most ``steps`` optimiser steps over a streaming loader.
 
     Args:
@@ -28,9 +31,12 @@ def train_one_epoch(model: Any, loader: Any, steps: int, optimizer: Any, schedul
         train_params: label smoothing.
         device: this process's device (``cuda`` turns on bf16 autocast).
         progress_desc: the progress bar's label; ``None`` hides the bar.
+        outliers: Outlier Exposure's leafless images for a batch
+            (:func:`plantml.training.outliers.outlier_source`); ``None``: none.
 
     Returns:
-        ``{"train_loss", "train_accuracy", "images"}`` for this process's share.
+        ``{"train_loss", "train_accuracy", "images"}`` for this process's share (accuracy and
+        images count the labelled rows only).
     """
     import torch
 
@@ -47,6 +53,8 @@ def train_one_epoch(model: Any, loader: Any, steps: int, optimizer: Any, schedul
             break
         if len(labels) < 2:  # BatchNorm cannot train on a batch of one
             continue
+        n_labelled = len(labels)
+        images, labels = with_outliers(images, labels, outliers, seed=train_params.seed + taken)
         x = to_model_input(images, spec, device)
         y = labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
@@ -54,9 +62,9 @@ def train_one_epoch(model: Any, loader: Any, steps: int, optimizer: Any, schedul
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
         scheduler.step()
-        loss_sum += batch_loss * len(labels)
+        loss_sum += batch_loss * n_labelled
         correct += batch_correct
-        seen += len(labels)
+        seen += n_labelled
         taken += 1
         bar.update(1)
     bar.close()
@@ -90,7 +98,6 @@ def accumulate_gradients(model: Any, x: Any, y: Any, train_params: TrainParams, 
     import contextlib
 
     import torch
-    import torch.nn.functional as F
 
     chunks = micro_batches(len(y), train_params.micro_batch_size)
     loss_total, correct = 0.0, 0
@@ -100,10 +107,10 @@ def accumulate_gradients(model: Any, x: Any, y: Any, train_params: TrainParams, 
         with sync:
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
                 logits = model(x[part])
-                loss = F.cross_entropy(logits.float(), y[part], label_smoothing=train_params.label_smoothing)
+                loss = classification_loss(logits.float(), y[part], train_params.label_smoothing)
             (loss * (len(y[part]) / len(y))).backward()
         loss_total += float(loss.detach()) * len(y[part])
-        correct += int((logits.detach().argmax(1) == y[part]).sum())
+        correct += int((logits.detach().argmax(1) == y[part]).sum())  # NO_CLASS rows never match
     return loss_total / len(y), correct
 
 

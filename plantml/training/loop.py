@@ -26,6 +26,7 @@ from plantml.training.checkpoints import (
 )
 from plantml.training.early_stopping import patience_spent, update_best
 from plantml.training.epoch import train_one_epoch, validate, validation_row
+from plantml.training.outliers import outlier_source
 from plantml.training.faults import maybe_inject_failure
 from plantml.training.model import build_model, wrap_data_parallel
 from plantml.training.optim import build_optimizer
@@ -180,8 +181,12 @@ def _run_epoch(branch: _Branch, epoch: int, progress: bool) -> dict[str, float]:
     """Train one epoch, validate, and append the epoch's metrics row to the history."""
     t0 = time.time()
     desc = f"{branch.name} epoch {epoch}" if progress and branch.dist.is_main else None
+    params = branch.train_params
+    # Seeded per epoch and rank: a resumed epoch sees the same outliers, ranks different ones.
+    outliers = outlier_source(params.outlier_exposure, branch.index.image_size,
+                              params.seed * 100_003 + epoch * 1_009 + branch.dist.rank)
     fit = train_one_epoch(branch.model, _epoch_batches(branch, epoch), branch.steps[epoch - 1], branch.optimizer,
-                          branch.scheduler, branch.spec, branch.train_params, branch.device, desc)
+                          branch.scheduler, branch.spec, params, branch.device, desc, outliers)
     val_logits, val_labels = validate(branch.model, branch.index, branch.spec, branch.device,
                                       branch.train_params.batch_size * 2, branch.dist)
     row = validation_row(epoch, fit, val_logits, val_labels, len(branch.index.classes),

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from plantml.calibration import expected_calibration_error
+from plantml.calibration import ece_sampling_floor, expected_calibration_error
 from plantml.metrics import macro_f1
 from plantml.plots import pyplot, save_figure
 
@@ -155,7 +155,9 @@ def domain_metrics(labels: np.ndarray, probs: np.ndarray, domains: Sequence[str]
         ``{domain: {...}}``. Macro-F1 and the confusion matrix are over the classes that
         domain holds (a field set of four apple classes is not scored on 30 absent ones);
         the confusion matrix has one more column, ``other``, for predictions outside them.
-        ``accuracy_ci95`` is a Wilson interval. ``coverage`` is the answered share;
+        ``accuracy_ci95`` is a Wilson interval. ``ece_if_calibrated`` is the ECE a perfectly
+        calibrated model with the same confidences would show on this many images
+        (``[median, low, high]``, :func:`plantml.calibration.ece_sampling_floor`). ``coverage`` is the answered share;
         ``accuracy_on_answered`` is NaN when nothing is answered.
     """
     from sklearn.metrics import confusion_matrix
@@ -183,6 +185,8 @@ def domain_metrics(labels: np.ndarray, probs: np.ndarray, domains: Sequence[str]
             "accuracy_ci95": list(wilson_interval(correct, n)),
             "macro_f1": macro_f1(y, p, labels=present),
             "ece": expected_calibration_error(probs[m], y, n_bins),
+            # What sampling alone gives a perfectly calibrated model here: [median, 2.5 %, 97.5 %].
+            "ece_if_calibrated": list(ece_sampling_floor(probs[m], n_bins)),
             "coverage": n_acc / n,
             "n_answered": n_acc,
             "accuracy_on_answered": float((y[acc] == p[acc]).mean()) if n_acc else float("nan"),

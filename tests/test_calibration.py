@@ -337,3 +337,25 @@ def test_summary_with_an_ood_mask_counts_only_what_both_rules_answer():
     assert masked["test_coverage"] <= min(plain["test_coverage"], mask.mean()) + 1e-12
     with pytest.raises(ValueError, match="mask"):
         calibration_summary(logits, labels, logits, labels, 0.99, 0.5, val_in_distribution=mask[:10])
+
+
+def test_ece_sampling_floor_is_what_a_calibrated_model_shows_and_shrinks_with_n():
+    from plantml.calibration import ece_sampling_floor, expected_calibration_error
+
+    rng = np.random.default_rng(1)
+
+    def calibrated_sample(n):
+        conf = rng.uniform(0.5, 1.0, n)
+        probs = np.stack([conf, 1 - conf], axis=1)
+        labels = np.where(rng.random(n) < conf, 0, 1)  # correct with probability = confidence
+        return probs, labels
+
+    small, small_labels = calibrated_sample(72)
+    median, low, high = ece_sampling_floor(small, draws=400)
+    assert 0.0 < low < median < high < 0.3
+    # A truly calibrated model's ECE on that sample lands inside the floor's range, well above zero.
+    assert low <= expected_calibration_error(small, small_labels) <= high
+    big, _ = calibrated_sample(5000)
+    assert ece_sampling_floor(big, draws=100)[0] < median / 3  # noise falls like 1/sqrt(n)
+    with pytest.raises(ValueError):
+        ece_sampling_floor(np.zeros((0, 2)))

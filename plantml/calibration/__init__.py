@@ -10,6 +10,7 @@ confidence below which the model should answer "I don't know":
   minimising the negative log-likelihood on the **validation** split. It never changes
   the arg-max, so accuracy is untouched.
 * :func:`expected_calibration_error` - top-label ECE with equal-width bins.
+* :func:`ece_sampling_floor` - the ECE a perfectly calibrated model would show on a sample that size.
 * :func:`choose_abstain_threshold` - the lowest confidence threshold whose accepted
   predictions reach a target precision on validation (selective classification).
 * :func:`calibration_summary` - everything the bundle stores (``calibration`` and
@@ -34,7 +35,8 @@ from __future__ import annotations
 
 from plantml.calibration.abstention import (choose_abstain_threshold, coverage_accuracy_curve, domain_abstention,
                                             selective_metrics)
-from plantml.calibration.ece import ece_bootstrap_interval, expected_calibration_error, reliability_bins
+from plantml.calibration.ece import (ece_bootstrap_interval, ece_sampling_floor, expected_calibration_error,
+                                    reliability_bins)
 from plantml.calibration.figures import coverage_accuracy_plot, reliability_diagram
 from plantml.calibration.summary import calibration_report, calibration_summary
 from plantml.calibration.temperature import T_MAX, T_MIN, fit_temperature, nll
@@ -42,6 +44,7 @@ from plantml.calibration.temperature import T_MAX, T_MIN, fit_temperature, nll
 __all__ = [
     "T_MAX", "T_MIN", "calibration_report", "calibration_summary", "choose_abstain_threshold",
     "coverage_accuracy_curve", "coverage_accuracy_plot", "domain_abstention", "ece_bootstrap_interval",
+    "ece_sampling_floor",
     "expected_calibration_error", "fit_temperature", "nll", "reliability_bins", "reliability_diagram",
     "selective_metrics",
 ]

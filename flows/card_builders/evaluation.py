@@ -148,7 +148,8 @@ def domain_parts(report: Mapping[str, Any]) -> list[Any]:
     parts: list[Any] = [Markdown("## Per domain (champion, test split)\naccuracy with its Wilson 95 % interval; "
                                  "macro-F1 over the classes that domain holds; ECE after temperature scaling, "
                                  "beside the ECE a perfectly calibrated model with the same confidences shows on "
-                                 "this many images (sampling noise alone: median [95 % range]); coverage and accuracy on answered images under the bundle's abstain rule."),
+                                 "this many images (sampling noise alone: median [95 % range]); coverage and "
+                                 "accuracy on answered images under the bundle's abstain rule."),
                         Table(rows, headers=["domain", "images", "accuracy [95 % CI]", "macro-F1", "ECE",
                                              "ECE if perfectly calibrated", "coverage",
                                              "accuracy on answered", "classes"])]

@@ -36,7 +36,7 @@ from __future__ import annotations
 from plantml.calibration.abstention import (choose_abstain_threshold, coverage_accuracy_curve, domain_abstention,
                                             selective_metrics)
 from plantml.calibration.ece import (ece_bootstrap_interval, ece_sampling_floor, expected_calibration_error,
-                                    reliability_bins)
+                                     reliability_bins)
 from plantml.calibration.figures import coverage_accuracy_plot, reliability_diagram
 from plantml.calibration.summary import calibration_report, calibration_summary
 from plantml.calibration.temperature import T_MAX, T_MIN, fit_temperature, nll

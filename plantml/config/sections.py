@@ -91,7 +91,8 @@ class ModelParams:
 
     arch: str = param("efficientnet_lite0", "architecture in the model registry", choices=MODEL_REGISTRY)
     lr: float = param(1e-3, "peak learning rate (AdamW)", gt=0, le=1)
-    epochs: int | None = param(None, "epochs for this model (null: train.epochs)", ge=1)
+    epochs: int | None = param(None, "at most this many epochs for this model, never more than train.epochs "
+                                     "(null: train.epochs)", ge=1)
     frozen_blocks: int = param(0, "stem + this many pretrained blocks frozen", ge=0, le=7)
 
 
@@ -117,7 +118,7 @@ class TrainParams:
     batch_size: int = param(32, "images per step", ge=1)
     micro_batch_size: int = param(16, "forward/backward in chunks of this many images, one optimiser step per "
                                       "batch (bounds activation memory); 0: the whole batch at once", ge=0)
-    epochs: int = param(8, "maximum epochs", ge=1)
+    epochs: int = param(8, "maximum epochs of every model", ge=1)
     patience: int = param(3, "early stopping: epochs without a better validation macro-F1", ge=1)
     label_smoothing: float = param(0.1, "cross-entropy label smoothing", ge=0, lt=1)
     weight_decay: float = param(0.05, "AdamW weight decay", ge=0, le=1)

@@ -117,7 +117,9 @@ def _start_branch(name: str, model_params: ModelParams, train_params: TrainParam
 
     classes = index.classes
     model, frozen, spec = build_model(name, model_params, train_params, len(classes), device)
-    epochs = model_params.epochs or train_params.epochs
+    # train.epochs caps every model (so `--set train.epochs=2` means two epochs for all); a model's own
+    # epochs can only lower it (a slower branch trained less to keep the parallel branches even).
+    epochs = min(model_params.epochs or train_params.epochs, train_params.epochs)
     counts = _weighted_counts(index, dist.world)
     steps = [steps_per_epoch(counts, train_params.batch_size, dist.world, True, train_params.seed, e)
              for e in range(1, epochs + 1)]

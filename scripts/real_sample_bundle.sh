@@ -45,7 +45,7 @@ CI_SET=(
   # evaluation, calibration (abstention), a reduced robustness sweep
   "evaluate.champion_metric=macro_f1" "evaluate.min_macro_f1=0.5" "evaluate.min_accuracy=0.5"
   "evaluate.out_dir=$OUT/eval"
-  "calibration.target_precision=0.99" "calibration.min_coverage=0.5"
+  "calibration.target_precision=0.99" "calibration.min_coverage=0.5" "calibration.domain_min_coverage=0.0"
   "calibration.ood_enabled=true" "calibration.ood_acceptance=0.95" "calibration.ood_components=64"
   "calibration.ood_max_fit_images=3000"
   "robustness.severities=[3]" "robustness.max_images=100" "robustness.min_relative_accuracy=0.0"

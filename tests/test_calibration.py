@@ -359,3 +359,70 @@ def test_ece_sampling_floor_is_what_a_calibrated_model_shows_and_shrinks_with_n(
     assert ece_sampling_floor(big, draws=100)[0] < median / 3  # noise falls like 1/sqrt(n)
     with pytest.raises(ValueError):
         ece_sampling_floor(np.zeros((0, 2)))
+
+
+def test_domain_coverage_cap_answers_the_floor_of_every_domain():
+    from plantml.calibration import domain_coverage_cap
+
+    conf = np.array([0.99, 0.98, 0.97, 0.96, 0.95,   # lab: confident
+                     0.90, 0.80, 0.70, 0.60, 0.50])  # field: less so
+    domains = ["lab"] * 5 + ["field"] * 5
+    cap = domain_coverage_cap(conf, domains, 0.6)
+    # 60 % of 5 field images = 3: the third most confident field image (0.70) sets the cap
+    assert cap["threshold"] == pytest.approx(0.70) and cap["domain"] == "field"
+    assert cap["per_domain"]["lab"] == pytest.approx(0.97)
+    answered = conf >= cap["threshold"]
+    for d in ("lab", "field"):
+        m = np.array(domains) == d
+        assert answered[m].mean() >= 0.6
+    # images the OOD rule refuses do not count as answerable: the cap goes lower
+    ood_ok = np.array([True] * 5 + [False, True, True, True, True])
+    assert domain_coverage_cap(conf, domains, 0.6, ood_ok)["threshold"] == pytest.approx(0.60)
+    # fewer images pass the OOD rule than the floor asks: answer all of them (cap 0)
+    assert domain_coverage_cap(conf, domains, 1.0, ood_ok)["per_domain"]["field"] == 0.0
+    with pytest.raises(ValueError):
+        domain_coverage_cap(conf, domains[:3], 0.5)
+    with pytest.raises(ValueError):
+        domain_coverage_cap(conf, domains, 0.0)
+
+
+def test_calibration_summary_lowers_the_threshold_to_the_domain_floor_and_says_so():
+    from plantml.calibration import calibration_summary
+
+    rng = np.random.default_rng(3)
+    n_lab, n_field, c = 300, 60, 4
+    labels = rng.integers(0, c, n_lab + n_field)
+    logits = rng.normal(0, 1, (n_lab + n_field, c))
+    # lab: confident and right; field: right 80 % of the time with low margins
+    logits[np.arange(n_lab), labels[:n_lab]] += 8.0
+    right = rng.random(n_field) < 0.8
+    field_idx = np.arange(n_lab, n_lab + n_field)
+    logits[field_idx, np.where(right, labels[n_lab:], (labels[n_lab:] + 1) % c)] += 1.5
+    domains = ["lab"] * n_lab + ["field"] * n_field
+    plain = calibration_summary(logits, labels, logits, labels, 0.99, 0.5)
+    floored = calibration_summary(logits, labels, logits, labels, 0.99, 0.5, val_domains=domains,
+                                  domain_min_coverage=0.7)
+    assert plain["domain_cap"] is None
+    cap = floored["domain_cap"]
+    assert cap["domain"] == "field" and floored["abstain_threshold"] < plain["abstain_threshold"]
+    assert cap["threshold_for_precision"] == pytest.approx(plain["abstain_threshold"])
+    probs_field = np.exp(logits[field_idx] / floored["temperature"])
+    probs_field /= probs_field.sum(1, keepdims=True)
+    assert (probs_field.max(1) >= floored["abstain_threshold"]).mean() >= 0.7
+    # a floor the precision threshold already meets changes nothing
+    easy = calibration_summary(logits, labels, logits, labels, 0.99, 0.5, val_domains=domains,
+                               domain_min_coverage=0.01)
+    assert easy["domain_cap"] is None and easy["abstain_threshold"] == plain["abstain_threshold"]
+
+
+def test_the_domain_floor_does_nothing_with_a_single_domain():
+    from plantml.calibration import calibration_summary
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 3, 200)
+    logits = rng.normal(0, 1, (200, 3))
+    logits[np.arange(200), labels] += 2.0
+    plain = calibration_summary(logits, labels, logits, labels, 0.99, 0.5)
+    one = calibration_summary(logits, labels, logits, labels, 0.99, 0.5, val_domains=["lab"] * 200,
+                              domain_min_coverage=0.9)
+    assert one["domain_cap"] is None and one["abstain_threshold"] == plain["abstain_threshold"]

@@ -87,6 +87,11 @@ def _model_parts(name: str, m: Mapping[str, Any]) -> list[Any]:
 
 def _calibration_text(c: Mapping[str, Any], non_leaf: Mapping[str, Any]) -> Any:
     """The champion's temperature, ECE, abstain threshold and its effect on non-leaf inputs."""
+    cap = c.get("domain_cap")
+    lowered = (f" Lowered from {cap['threshold_for_precision']:.3f} so that every domain answers at least "
+               f"{cap['min_coverage']:.0%} of its validation images (set by **{cap['domain']}**; "
+               f"`calibration.domain_min_coverage`); validation precision target "
+               f"{'still met' if c.get('met') else '**no longer met**'}." if cap else "")
     return Markdown(
         f"## Calibration and abstention (champion)\ntemperature **{c['temperature']:.3f}** fitted on validation; "
         f"test ECE {c['ece_uncalibrated']:.4f} → **{c['ece']:.4f}** (bootstrap 95 % interval "
@@ -95,7 +100,7 @@ def _calibration_text(c: Mapping[str, Any], non_leaf: Mapping[str, Any]) -> Any:
         f"(chosen on validation for precision ≥ {c['target_precision']}): test coverage **{c['test_coverage']:.3f}**, "
         f"accuracy on answered **{c['test_accuracy_at_threshold']:.4f}**. Non-leaf images abstained: "
         f"**{non_leaf['abstain_rate']:.0%}** of {non_leaf['n']} generated non-leaf images and "
-        f"**{non_leaf['photo_abstain_rate']:.0%}** of {non_leaf['n_photos']} non-leaf photos."
+        f"**{non_leaf['photo_abstain_rate']:.0%}** of {non_leaf['n_photos']} non-leaf photos.{lowered}"
     )
 
 

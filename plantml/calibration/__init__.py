@@ -34,7 +34,7 @@ import X`` keeps working.
 from __future__ import annotations
 
 from plantml.calibration.abstention import (choose_abstain_threshold, coverage_accuracy_curve, domain_abstention,
-                                            selective_metrics)
+                                            domain_coverage_cap, selective_metrics)
 from plantml.calibration.ece import (ece_bootstrap_interval, ece_sampling_floor, expected_calibration_error,
                                      reliability_bins)
 from plantml.calibration.figures import coverage_accuracy_plot, reliability_diagram
@@ -44,7 +44,7 @@ from plantml.calibration.temperature import T_MAX, T_MIN, fit_temperature, nll
 __all__ = [
     "T_MAX", "T_MIN", "calibration_report", "calibration_summary", "choose_abstain_threshold",
     "coverage_accuracy_curve", "coverage_accuracy_plot", "domain_abstention", "ece_bootstrap_interval",
-    "ece_sampling_floor",
+    "domain_coverage_cap", "ece_sampling_floor",
     "expected_calibration_error", "fit_temperature", "nll", "reliability_bins", "reliability_diagram",
     "selective_metrics",
 ]

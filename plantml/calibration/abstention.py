@@ -131,6 +131,42 @@ def _threshold_index(cov: np.ndarray, acc: np.ndarray, target_precision: float,
     return i, False
 
 
+def domain_coverage_cap(confidences: np.ndarray, domains: Any, min_coverage: float,
+                        in_distribution: np.ndarray | None = None) -> dict[str, Any]:
+    """The highest confidence threshold that answers at least ``min_coverage`` of every domain's images.
+
+    One threshold tuned for 99 % precision on mostly-lab validation answered 35-46 % of
+    field photos (docs/benchmarks.md section 8): each domain's floor caps it from above.
+    For a domain of ``n`` images the cap is the ``ceil(min_coverage * n)``-th highest
+    confidence among the images the OOD rule lets through (``in_distribution``; all when
+    ``None``); when fewer than that many pass the OOD rule, its cap is 0 (answer all of them).
+
+    Args:
+        confidences: ``(N,)`` calibrated top probabilities on validation.
+        domains: ``(N,)`` each image's domain.
+        min_coverage: the share of each domain to answer, in ``(0, 1]``.
+        in_distribution: optional ``(N,)`` bool mask of the OOD rule.
+
+    Returns:
+        ``{"threshold", "domain" (the one that set it), "min_coverage", "per_domain": {domain: cap}}``.
+    """
+    conf = np.asarray(confidences, dtype=np.float64)
+    dom = np.asarray(list(domains), dtype=object)
+    if conf.ndim != 1 or len(conf) != len(dom) or len(conf) == 0:
+        raise ValueError(f"domain_coverage_cap: {conf.shape} confidences for {len(dom)} domains")
+    if not 0.0 < float(min_coverage) <= 1.0:
+        raise ValueError(f"min_coverage must be in (0, 1], got {min_coverage}")
+    passed = np.ones(len(conf), bool) if in_distribution is None else np.asarray(in_distribution, dtype=bool)
+    caps: dict[str, float] = {}
+    for d in sorted(set(dom.tolist())):
+        m = dom == d
+        need = int(math.ceil(float(min_coverage) * int(m.sum()) - 1e-9))
+        ranked = np.sort(conf[m & passed])[::-1]
+        caps[d] = float(ranked[need - 1]) if 0 < need <= len(ranked) else 0.0
+    domain = min(caps, key=caps.__getitem__)
+    return {"threshold": caps[domain], "domain": domain, "min_coverage": float(min_coverage), "per_domain": caps}
+
+
 def selective_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float,
                       in_distribution: np.ndarray | None = None) -> dict[str, float]:
     """Coverage and accuracy of the predictions with confidence ``>= threshold``.

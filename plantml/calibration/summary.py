@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from plantml.calibration.abstention import choose_abstain_threshold, coverage_accuracy_curve, selective_metrics
+from plantml.calibration.abstention import (choose_abstain_threshold, coverage_accuracy_curve, domain_coverage_cap,
+                                            selective_metrics)
 from plantml.calibration.checks import check_labels, check_mask, check_scores
 from plantml.calibration.ece import ece_bootstrap_interval, expected_calibration_error
 from plantml.calibration.figures import coverage_accuracy_plot, reliability_diagram
@@ -26,6 +27,8 @@ def calibration_summary(
     n_bins: int = 15,
     val_in_distribution: np.ndarray | None = None,
     test_in_distribution: np.ndarray | None = None,
+    val_domains: Any = None,
+    domain_min_coverage: float = 0.0,
 ) -> dict[str, Any]:
     """Fit the temperature and the abstain threshold on validation; measure them on test.
 
@@ -42,6 +45,12 @@ def calibration_summary(
             not hold up on the whole real sample (docs/benchmarks.md). Coverage and accuracy (validation and test)
             count an image as answered only if it passes both rules; coverages stay
             relative to the whole split.
+        val_domains, domain_min_coverage: each validation image's domain, and the share of
+            every domain's validation images the rule must answer (0: no such floor). The
+            threshold for ``target_precision`` is lowered where needed to meet it
+            (:func:`plantml.calibration.domain_coverage_cap`); ``met`` then says whether the
+            precision target still holds, and ``domain_cap`` records the change. Applies only
+            when validation holds more than one domain.
 
     Returns:
         ``{"temperature", "ece_uncalibrated", "ece", "ece_ci95", "abstain_threshold", "test_coverage",
@@ -57,7 +66,8 @@ def calibration_summary(
     temperature = fit_temperature(val_logits, val_labels)
     val_raw, val_cal = softmax(val_logits), softmax(val_logits, temperature)
     test_raw, test_cal = softmax(test_logits), softmax(test_logits, temperature)
-    choice = _threshold_choice(val_cal, val_labels, target_precision, min_coverage, val_in_distribution)
+    choice = _threshold_choice(val_cal, val_labels, target_precision, min_coverage, val_in_distribution,
+                               val_domains, domain_min_coverage)
     at_test = selective_metrics(test_cal, test_labels, choice["threshold"], test_in_distribution)
     return {
         "temperature": float(temperature),
@@ -71,6 +81,7 @@ def calibration_summary(
         "target_precision": float(target_precision),
         "min_coverage": float(min_coverage),
         "met": choice["met"],
+        "domain_cap": choice.get("domain_cap"),
         "n_bins": int(n_bins),
         "n_test": int(test_logits.shape[0]),
         "val": _validation_block(val_logits, val_raw, val_cal, val_labels, temperature, choice, n_bins),
@@ -92,13 +103,25 @@ def _validation_block(logits: np.ndarray, raw: np.ndarray, calibrated: np.ndarra
 
 
 def _threshold_choice(val_cal: np.ndarray, val_labels: np.ndarray, target_precision: float, min_coverage: float,
-                      val_in_distribution: np.ndarray | None) -> dict[str, Any]:
-    """:func:`choose_abstain_threshold` on every validation image.
+                      val_in_distribution: np.ndarray | None, val_domains: Any = None,
+                      domain_min_coverage: float = 0.0) -> dict[str, Any]:
+    """:func:`choose_abstain_threshold` on every validation image, lowered to each domain's coverage floor.
 
     With an in-distribution mask, the chosen threshold's coverage and accuracy count
-    only the images both rules answer (the threshold itself does not move).
+    only the images both rules answer.
     """
     choice = choose_abstain_threshold(val_cal, val_labels, target_precision, min_coverage)
+    mask = None if val_in_distribution is None else check_mask(val_in_distribution, len(val_labels),
+                                                               "calibration_summary (val)")
+    # Only between kinds of photo: with a single domain the precision target (and min_coverage's
+    # fallback) decide alone, as before.
+    if val_domains is not None and domain_min_coverage > 0 and len(set(val_domains)) > 1:
+        cap = domain_coverage_cap(val_cal.max(axis=1), val_domains, domain_min_coverage, mask)
+        if cap["threshold"] < choice["threshold"]:
+            at_cap = selective_metrics(val_cal, val_labels, cap["threshold"])
+            cap["threshold_for_precision"] = choice["threshold"]
+            choice.update(threshold=cap["threshold"], coverage=at_cap["coverage"], accuracy=at_cap["accuracy"],
+                          met=bool(at_cap["accuracy"] >= target_precision - 1e-12), domain_cap=cap)
     if val_in_distribution is not None:
         at_val = selective_metrics(val_cal, val_labels, choice["threshold"],
                                    check_mask(val_in_distribution, len(val_labels), "calibration_summary (val)"))

@@ -179,6 +179,9 @@ class CalibrationParams:
 
     target_precision: float = param(0.99, "abstain threshold chosen on validation for this precision", gt=0, le=1)
     min_coverage: float = param(0.5, "lowest share of answered images accepted", ge=0, le=1)
+    domain_min_coverage: float = param(0.0, "the abstain threshold is lowered (below target_precision's) until "
+                                            "every domain answers at least this share of its validation images "
+                                            "(runs with several domains only); 0: off", ge=0, le=1)
     ood_enabled: bool = param(True, "fit and export the out-of-distribution score")
     ood_acceptance: float = param(0.95, "OOD threshold = this quantile of validation scores", ge=0.5, le=1)
     ood_components: int = param(64, "leading covariance directions kept", ge=1)

@@ -172,7 +172,8 @@ def evaluate_student(params: Params, model: Any, index: sh.ShardIndex, spec: Inp
         detector.save(out / STUDENT_DETECTOR)
         ood_block = {"threshold": float(threshold), "detector": str((out / STUDENT_DETECTOR).resolve()),
                      "test_rejection_rate": float(np.mean(test_s > threshold)) if len(test_s) else 0.0}
-    summary = cal.calibration_summary(val_lg, val_y, test_lg, test_y, c.target_precision, c.min_coverage, **masks)
+    summary = cal.calibration_summary(val_lg, val_y, test_lg, test_y, c.target_precision, c.min_coverage, **masks,
+                                      val_domains=val.domains, domain_min_coverage=c.domain_min_coverage)
     metrics = classification_metrics(test_y, softmax(test_lg), classes)
     by_domain = domain_metrics(test_y, softmax(test_lg, summary["temperature"]),
                                test.domains, classes, summary["abstain_threshold"],

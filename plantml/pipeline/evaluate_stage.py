@@ -166,10 +166,11 @@ def _calibrate(params: Params, val: SplitScores, test: SplitScores,
     without it the two are the same.
     """
     c = params.calibration
+    floor = {"val_domains": val.domains, "domain_min_coverage": c.domain_min_coverage}
     conf_only = cal.calibration_summary(val.logits, val.labels, test.logits, test.labels, c.target_precision,
-                                        c.min_coverage)
+                                        c.min_coverage, **floor)
     with_ood = cal.calibration_summary(val.logits, val.labels, test.logits, test.labels, c.target_precision,
-                                       c.min_coverage, **masks) if masks else conf_only
+                                       c.min_coverage, **masks, **floor) if masks else conf_only
     return CalibrationResult.from_summary(conf_only), CalibrationResult.from_summary(with_ood)
 
 

@@ -97,6 +97,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--work", default="/tmp/plantml-ablation")
     ap.add_argument("--out", required=True)
     ap.add_argument("--eval-only", action="store_true", help="score the variant's existing checkpoint again")
+    ap.add_argument("--index", help="with --eval-only: a prepared store to score (e.g. a flow run's "
+                                    ".metaflow/.plantml/PlantDiseaseFlow/RUN/data)")
+    ap.add_argument("--train-dir", help="with --eval-only: a branch's output (result.json + model.pt), e.g. "
+                                        "artifacts/train/RUN/cnn")
+    ap.add_argument("--whole-rule", action="store_true",
+                    help="coverage under the flow's whole abstain rule (OOD score + confidence), not confidence alone")
     return ap.parse_args(argv)
 
 
@@ -129,7 +135,7 @@ def prepared_index(params: Params, work: str) -> ShardIndex:
 
 def trained_branch(args: argparse.Namespace, params: Params, index: ShardIndex) -> tuple[TrainResult, float]:
     """The variant's CNN branch and its training seconds: trained now, or (``--eval-only``) as saved."""
-    out_dir = Path(args.work) / f"train-{args.variant}"
+    out_dir = Path(args.train_dir) if args.train_dir else Path(args.work) / f"train-{args.variant}"
     t0 = time.time()
     if args.eval_only:
         result = TrainResult(**{k: v for k, v in json.loads((out_dir / "result.json").read_text()).items()
@@ -140,7 +146,7 @@ def trained_branch(args: argparse.Namespace, params: Params, index: ShardIndex) 
     return result, time.time() - t0
 
 
-def score_variant(params: Params, result: TrainResult, index: ShardIndex) -> dict[str, Any]:
+def score_variant(params: Params, result: TrainResult, index: ShardIndex, whole_rule: bool = False) -> dict[str, Any]:
     """Temperature, abstention threshold, per-domain test metrics and the shortcut check of one branch."""
     model, _ = load_checkpoint(result.checkpoint_path)
     spec = InputSpec(size=result.image_size, mean=tuple(result.mean), std=tuple(result.std))
@@ -148,18 +154,23 @@ def score_variant(params: Params, result: TrainResult, index: ShardIndex) -> dic
     detector = fit_detector(params, model, index, spec)
     val, test = (score_split(model, index, s, spec, detector=detector, rows=rows) for s in ("val", "test"))
     ood_threshold = ood.choose_ood_threshold(val.ood_scores, params.calibration.ood_acceptance)
-    # The flow's calibration: temperature + confidence threshold on validation. The per-domain
-    # coverage below is the confidence rule's; the non-leaf rates use the whole rule (OOD score too).
-    calib = cal.calibration_summary(val.logits, val.labels, test.logits, test.labels,
-                                    params.calibration.target_precision, params.calibration.min_coverage)
+    # The flow's calibration: temperature + confidence threshold on validation, lowered to
+    # calibration.domain_min_coverage per domain when that is set. Coverage is the confidence
+    # rule's unless --whole-rule (then the OOD score counts too, as in the flow).
+    c = params.calibration
+    masks = ({"val_in_distribution": val.ood_scores <= ood_threshold,
+              "test_in_distribution": test.ood_scores <= ood_threshold} if whole_rule else {})
+    calib = cal.calibration_summary(val.logits, val.labels, test.logits, test.labels, c.target_precision,
+                                    c.min_coverage, **masks, val_domains=val.domains,
+                                    domain_min_coverage=c.domain_min_coverage)
     temperature = calib["temperature"]
     by_domain = domain_metrics(test.labels, softmax(test.logits, temperature), test.domains, index.classes,
-                               calib["abstain_threshold"])
+                               calib["abstain_threshold"], masks.get("test_in_distribution"))
     shortcut = _shortcut_report(params, _torch_proba(model, spec, temperature), index, rows, index.classes)
     non_leaf = non_leaf_report(model, spec, CalibrationResult.from_summary(calib), detector, ood_threshold,
                                *non_leaf_inputs(params, spec.size))
     return {"temperature": temperature, "abstain_threshold": calib["abstain_threshold"],
-            "by_domain": by_domain, "shortcut": shortcut,
+            "domain_cap": calib["domain_cap"], "by_domain": by_domain, "shortcut": shortcut,
             "non_leaf": {k: v for k, v in non_leaf.items() if not k.endswith("scores")}}
 
 
@@ -171,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         append_row(args.out, {"mask_stats": mask_stats(args.lab, args.field), "cpu": cpu_flags()})
         return 0
     params = variant_params(args)
-    index = prepared_index(params, args.work)
+    index = load_index(args.index) if args.index else prepared_index(params, args.work)
     result, train_s = trained_branch(args, params, index)
-    scores = score_variant(params, result, index)
+    scores = score_variant(params, result, index, args.whole_rule)
     append_row(args.out, {
         "variant": args.variant, "field_weight": args.field_weight, "background_replace": args.background,
         "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "train_seconds": round(train_s, 1),
@@ -184,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         "shortcut": {k: scores["shortcut"].get(k) for k in ("n", "n_no_mask", "target_rate", "target_rate_original",
                                                             "accuracy_original", "accuracy_pasted")},
         "non_leaf": scores["non_leaf"], "outlier_exposure": params.train.outlier_exposure,
+        "whole_rule": args.whole_rule, "domain_min_coverage": params.calibration.domain_min_coverage,
+        "domain_cap": scores["domain_cap"],
         "frozen_blocks": params.train.models["cnn"].frozen_blocks,
         "image_size": params.train.image_size, "epochs": params.train.epochs,
         "cpu": cpu_flags(), "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M"),

@@ -18,17 +18,11 @@ from plantml.preprocess import softmax
 
 
 def calibration_summary(
-    val_logits: np.ndarray,
-    val_labels: np.ndarray,
-    test_logits: np.ndarray,
-    test_labels: np.ndarray,
-    target_precision: float,
-    min_coverage: float,
-    n_bins: int = 15,
-    val_in_distribution: np.ndarray | None = None,
-    test_in_distribution: np.ndarray | None = None,
-    val_domains: Any = None,
-    domain_min_coverage: float = 0.0,
+    val_logits: np.ndarray, val_labels: np.ndarray,
+    test_logits: np.ndarray, test_labels: np.ndarray,
+    target_precision: float, min_coverage: float, n_bins: int = 15,
+    val_in_distribution: np.ndarray | None = None, test_in_distribution: np.ndarray | None = None,
+    val_domains: Any = None, domain_min_coverage: float = 0.0,
 ) -> dict[str, Any]:
     """Fit the temperature and the abstain threshold on validation; measure them on test.
 
@@ -39,27 +33,20 @@ def calibration_summary(
         min_coverage: coverage floor for the threshold fallback (``calibration.min_coverage``).
         n_bins: ECE bins.
         val_in_distribution, test_in_distribution: optional bool masks of the images the
-            OOD score lets through (:mod:`plantml.ood`). The confidence threshold is still
-            chosen on *every* validation image: choosing it among those the OOD rule passes
-            would lower it to wherever the few remaining validation errors sit, which did
-            not hold up on the whole real sample (docs/benchmarks.md). Coverage and accuracy (validation and test)
-            count an image as answered only if it passes both rules; coverages stay
-            relative to the whole split.
-        val_domains, domain_min_coverage: each validation image's domain, and the share of
-            every domain's validation images the rule must answer (0: no such floor). The
-            threshold for ``target_precision`` is lowered where needed to meet it
-            (:func:`plantml.calibration.domain_coverage_cap`); ``met`` then says whether the
-            precision target still holds, and ``domain_cap`` records the change. Applies only
-            when validation holds more than one domain.
+            OOD score lets through (:mod:`plantml.ood`). The threshold is still chosen on *every*
+            validation image (choosing it among those the OOD rule passes did not hold up on the
+            real sample, docs/benchmarks.md); coverage and accuracy count an image as answered
+            only if it passes both rules, relative to the whole split.
+        val_domains, domain_min_coverage: with several domains, the threshold is lowered until
+            each answers this share of its validation images
+            (:func:`plantml.calibration.domain_coverage_cap`; ``domain_cap`` records it).
 
     Returns:
         ``{"temperature", "ece_uncalibrated", "ece", "ece_ci95", "abstain_threshold", "test_coverage",
-        "test_accuracy_at_threshold", "test_accuracy", "nll_uncalibrated", "nll",
-        "target_precision", "min_coverage", "met", "n_bins", "val": {...}}``. ``ece*`` and
-        ``nll*`` are on test (``ece_ci95``: bootstrap 95 % interval of the calibrated test
-        ECE); ``val`` holds the same quantities on validation plus the
-        threshold choice. ``calibration`` in the bundle takes ``temperature`` and
-        ``abstain_threshold``; ``metrics`` takes ``ece_uncalibrated`` and ``ece``.
+        "test_accuracy_at_threshold", "test_accuracy", "nll_uncalibrated", "nll", "target_precision",
+        "min_coverage", "met", "domain_cap", "n_bins", "val": {...}}``: ``ece*``/``nll*`` on test
+        (``ece_ci95``: bootstrap 95 % interval), ``val`` the same on validation plus the threshold
+        choice. The bundle takes ``temperature`` and ``abstain_threshold``.
     """
     val_logits, val_labels, test_logits, test_labels = _checked_splits(
         val_logits, val_labels, test_logits, test_labels)

@@ -41,6 +41,7 @@ from plantml.pipeline import _shortcut_report, _torch_proba, load_manifest  # no
 from plantml import ood  # noqa: E402
 from plantml.pipeline import prepare, score_split, train_branch  # noqa: E402
 from plantml.pipeline.beyond_split import non_leaf_inputs, non_leaf_report  # noqa: E402
+from plantml.pipeline.evaluate_stage import _in_distribution_masks  # noqa: E402
 from plantml.pipeline.results import CalibrationResult  # noqa: E402
 from plantml.pipeline.scoring import fit_detector  # noqa: E402
 from plantml.preprocess import InputSpec, softmax  # noqa: E402
@@ -156,10 +157,9 @@ def score_variant(params: Params, result: TrainResult, index: ShardIndex, whole_
     ood_threshold = ood.choose_ood_threshold(val.ood_scores, params.calibration.ood_acceptance)
     # The flow's calibration: temperature + confidence threshold on validation, lowered to
     # calibration.domain_min_coverage per domain when that is set. Coverage is the confidence
-    # rule's unless --whole-rule (then the OOD score counts too, as in the flow).
+    # rule's unless --whole-rule (then the OOD score counts too, with the flow's own masks).
     c = params.calibration
-    masks = ({"val_in_distribution": val.ood_scores <= ood_threshold,
-              "test_in_distribution": test.ood_scores <= ood_threshold} if whole_rule else {})
+    masks = _in_distribution_masks(params, detector, val, test) if whole_rule else {}
     calib = cal.calibration_summary(val.logits, val.labels, test.logits, test.labels, c.target_precision,
                                     c.min_coverage, **masks, val_domains=val.domains,
                                     domain_min_coverage=c.domain_min_coverage)

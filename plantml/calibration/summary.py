@@ -109,9 +109,8 @@ def _threshold_choice(val_cal: np.ndarray, val_labels: np.ndarray, target_precis
             cap["threshold_for_precision"] = choice["threshold"]
             choice.update(threshold=cap["threshold"], coverage=at_cap["coverage"], accuracy=at_cap["accuracy"],
                           met=bool(at_cap["accuracy"] >= target_precision - 1e-12), domain_cap=cap)
-    if val_in_distribution is not None:
-        at_val = selective_metrics(val_cal, val_labels, choice["threshold"],
-                                   check_mask(val_in_distribution, len(val_labels), "calibration_summary (val)"))
+    if mask is not None:
+        at_val = selective_metrics(val_cal, val_labels, choice["threshold"], mask)
         choice.update(coverage=at_val["coverage"], accuracy=at_val["accuracy"])
     return choice
 

@@ -26,10 +26,10 @@ from plantml.training.checkpoints import (
 )
 from plantml.training.early_stopping import patience_spent, update_best
 from plantml.training.epoch import train_one_epoch, validate, validation_row
-from plantml.training.outliers import outlier_source
 from plantml.training.faults import maybe_inject_failure
 from plantml.training.model import build_model, wrap_data_parallel
 from plantml.training.optim import build_optimizer
+from plantml.training.outliers import outlier_source
 from plantml.training.process import device_type, prepare_process
 from plantml.training.records import DistributedContext, EpochCallback, LoaderSettings, TrainResult, TrainState
 
@@ -190,7 +190,7 @@ def _run_epoch(branch: _Branch, epoch: int, progress: bool) -> dict[str, float]:
     fit = train_one_epoch(branch.model, _epoch_batches(branch, epoch), branch.steps[epoch - 1], branch.optimizer,
                           branch.scheduler, branch.spec, params, branch.device, desc, outliers)
     val_logits, val_labels = validate(branch.model, branch.index, branch.spec, branch.device,
-                                      branch.train_params.batch_size * 2, branch.dist)
+                                      params.batch_size * 2, branch.dist)
     row = validation_row(epoch, fit, val_logits, val_labels, len(branch.index.classes),
                          float(branch.optimizer.param_groups[0]["lr"]), time.time() - t0)
     branch.result.history.append(row)

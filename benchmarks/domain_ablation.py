@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         "whole_rule": args.whole_rule, "domain_min_coverage": params.calibration.domain_min_coverage,
         "domain_cap": scores["domain_cap"],
         "frozen_blocks": params.train.models["cnn"].frozen_blocks,
-        "image_size": params.train.image_size, "epochs": params.train.epochs,
+        "image_size": params.train.image_size, "epochs": params.train.epochs, "ema_decay": params.train.ema_decay,
+        "patience": params.train.patience, "seed": params.train.seed, "threads": result.threads,
         "cpu": cpu_flags(), "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M"),
     })
     return 0

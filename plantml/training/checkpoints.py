@@ -26,7 +26,7 @@ CHECKPOINT_FILE = "model.pt"
 
 
 def checkpoint_payload(model: Any, optimizer: Any, scheduler: Any, state: TrainState,
-                       result: TrainResult) -> dict[str, Any]:
+                       result: TrainResult, average: Any = None) -> dict[str, Any]:
     """A ``torch.save``-able dict that ``torch.load(weights_only=True)`` reads back.
 
     Args:
@@ -35,6 +35,7 @@ def checkpoint_payload(model: Any, optimizer: Any, scheduler: Any, state: TrainS
         scheduler: its learning-rate scheduler.
         state: the loop's state after the epoch.
         result: the branch's result so far (history, best epoch).
+        average: the weights' moving average, if training keeps one.
     """
     import torch
 
@@ -44,6 +45,7 @@ def checkpoint_payload(model: Any, optimizer: Any, scheduler: Any, state: TrainS
         "scheduler": scheduler.state_dict(), "best_state": state.best_state,
         "torch_rng": torch.get_rng_state(), "python_rng": list(random.getstate()[1]),
         "result": {k: v for k, v in result.to_dict().items()},
+        "average": None if average is None else average.module.state_dict(),
     }
 
 
@@ -79,7 +81,8 @@ def load_epoch_checkpoint(uris: Sequence[str]) -> dict[str, Any] | None:
     return None
 
 
-def restore(saved: dict[str, Any], model: Any, optimizer: Any, scheduler: Any, result: TrainResult) -> TrainState:
+def restore(saved: dict[str, Any], model: Any, optimizer: Any, scheduler: Any, result: TrainResult,
+            average: Any = None) -> TrainState:
     """Load an epoch checkpoint into the model, optimiser, scheduler, RNG and result.
 
     Args:
@@ -88,6 +91,8 @@ def restore(saved: dict[str, Any], model: Any, optimizer: Any, scheduler: Any, r
         optimizer: its optimiser.
         scheduler: its scheduler.
         result: the branch's result; gets the saved history and best epoch.
+        average: the weights' moving average, if training keeps one; gets the saved average
+            (a checkpoint written without one starts it from the restored weights).
 
     Returns:
         The loop's state after the saved epoch.
@@ -95,6 +100,8 @@ def restore(saved: dict[str, Any], model: Any, optimizer: Any, scheduler: Any, r
     import torch
 
     model.load_state_dict(saved["model"])
+    if average is not None:
+        average.module.load_state_dict(saved.get("average") or saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])

@@ -18,7 +18,7 @@ from plantml.training.records import DistributedContext
 
 def train_one_epoch(model: Any, loader: Any, steps: int, optimizer: Any, scheduler: Any, spec: InputSpec,
                     train_params: TrainParams, device: str, progress_desc: str | None = None,
-                    outliers: Callable[[int], Any] | None = None) -> dict[str, float]:
+                    outliers: Callable[[int], Any] | None = None, average: Any = None) -> dict[str, float]:
     """One pass of at most ``steps`` optimiser steps over a streaming loader.
 
     Args:
@@ -33,6 +33,8 @@ def train_one_epoch(model: Any, loader: Any, steps: int, optimizer: Any, schedul
         progress_desc: the progress bar's label; ``None`` hides the bar.
         outliers: Outlier Exposure's leafless images for a batch
             (:func:`plantml.training.outliers.outlier_source`); ``None``: none.
+        average: the weights' moving average (:func:`plantml.training.ema.weight_average`),
+            updated after every step; ``None``: none.
 
     Returns:
         ``{"train_loss", "train_accuracy", "images"}`` for this process's share (accuracy and
@@ -62,6 +64,8 @@ def train_one_epoch(model: Any, loader: Any, steps: int, optimizer: Any, schedul
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
         scheduler.step()
+        if average is not None:  # the scheduler's step count survives a resume, so the decay warm-up does too
+            average.update(getattr(model, "module", model), step=scheduler.last_epoch)
         loss_sum += batch_loss * n_labelled
         correct += batch_correct
         seen += n_labelled

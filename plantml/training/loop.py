@@ -25,6 +25,7 @@ from plantml.training.checkpoints import (
     CHECKPOINT_FILE, checkpoint_payload, load_epoch_checkpoint, restore, save_checkpoint, save_epoch_checkpoint,
 )
 from plantml.training.early_stopping import patience_spent, update_best
+from plantml.training.ema import evaluated_model, weight_average
 from plantml.training.epoch import train_one_epoch, validate, validation_row
 from plantml.training.faults import maybe_inject_failure
 from plantml.training.model import build_model, wrap_data_parallel
@@ -53,6 +54,7 @@ class _Branch:
     steps: list[int]  # optimiser steps of each epoch, in order
     result: TrainResult
     augment: Any = None
+    average: Any = None  # the weights' moving average (train.ema_decay > 0)
 
 
 def train_model(
@@ -96,6 +98,7 @@ def train_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     branch = _start_branch(name, model_params, train_params, index, threads, device, dist, loader)
+    branch.average = weight_average(branch.model, train_params.ema_decay)
     state = _resume(branch, [checkpoint_uri or "", *resume_uris])
     branch.model = wrap_data_parallel(branch.model, dist.world, dist.local_rank, device)
     branch.augment = augmentation_factory(index.image_size, train_params.background_replace)
@@ -154,7 +157,7 @@ def _resume(branch: _Branch, uris: Sequence[str]) -> TrainState:
     saved = load_epoch_checkpoint(uris)
     if saved is None:
         return TrainState()
-    return restore(saved, branch.model, branch.optimizer, branch.scheduler, branch.result)
+    return restore(saved, branch.model, branch.optimizer, branch.scheduler, branch.result, branch.average)
 
 
 def _run_epochs(branch: _Branch, state: TrainState, progress: bool, checkpoint_uri: str | None,
@@ -169,7 +172,7 @@ def _run_epochs(branch: _Branch, state: TrainState, progress: bool, checkpoint_u
         maybe_inject_failure(epoch)
         row = _run_epoch(branch, epoch, progress)
         _show_epoch(bar, branch.name, epoch, row)
-        update_best(state, row, branch.model, branch.result, epoch)
+        update_best(state, row, evaluated_model(branch.model, branch.average), branch.result, epoch)
         state.epoch = epoch
         _publish_epoch(branch, state, row, checkpoint_uri, on_epoch_end)
         if patience_spent(state, branch.train_params.patience):
@@ -188,9 +191,9 @@ def _run_epoch(branch: _Branch, epoch: int, progress: bool) -> dict[str, float]:
     outliers = outlier_source(params.outlier_exposure, branch.index.image_size,
                               params.seed * 100_003 + epoch * 1_009 + branch.dist.rank)
     fit = train_one_epoch(branch.model, _epoch_batches(branch, epoch), branch.steps[epoch - 1], branch.optimizer,
-                          branch.scheduler, branch.spec, params, branch.device, desc, outliers)
-    val_logits, val_labels = validate(branch.model, branch.index, branch.spec, branch.device,
-                                      params.batch_size * 2, branch.dist)
+                          branch.scheduler, branch.spec, params, branch.device, desc, outliers, branch.average)
+    val_logits, val_labels = validate(evaluated_model(branch.model, branch.average), branch.index, branch.spec,
+                                      branch.device, params.batch_size * 2, branch.dist)
     row = validation_row(epoch, fit, val_logits, val_labels, len(branch.index.classes),
                          float(branch.optimizer.param_groups[0]["lr"]), time.time() - t0)
     branch.result.history.append(row)
@@ -222,7 +225,7 @@ def _publish_epoch(branch: _Branch, state: TrainState, row: dict[str, float], ch
         return
     if checkpoint_uri:
         save_epoch_checkpoint(checkpoint_uri, checkpoint_payload(branch.model, branch.optimizer, branch.scheduler,
-                                                                 state, branch.result))
+                                                                 state, branch.result, branch.average))
     if on_epoch_end is not None:
         on_epoch_end(row, branch.result)
 

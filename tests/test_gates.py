@@ -18,11 +18,12 @@ from plantml.cli import EXIT_ERROR, EXIT_GATE
 from tests.conftest import REPO_ROOT
 
 #: Tiny settings of tests/test_flow.py (tiny_cnn for both models, one epoch, no INT8).
-#: Outlier Exposure off: with it the trained tiny model keeps its accuracy under severity-5 brightness, and the
-#: robustness gate below needs a model that does not (the gate's mechanism is tested here, not the recipe).
+#: Outlier Exposure and the weights' moving average off: with either, the trained tiny model keeps its accuracy
+#: under severity-5 brightness, and the robustness gate below needs a model that does not (the gate's mechanism is
+#: tested here, not the recipe).
 TINY = ["train.epochs=1", "train.image_size=32", "train.batch_size=8", "train.models.cnn.arch=tiny_cnn",
         "train.models.vit.arch=tiny_cnn", "robustness.max_images=12", "export.int8.enabled=false",
-        "train.outlier_exposure=0"]
+        "train.outlier_exposure=0", "train.ema_decay=0"]
 #: Learning rate so low that one epoch leaves the model at chance (accuracy 1/3, macro-F1 0.22 measured).
 UNTRAINED = ["train.models.cnn.lr=0.0003", "train.models.vit.lr=0.0003", "robustness.severities=[1]"]
 #: A model that learns the tiny colours (accuracy 1.0) but loses a third of it under severity-5

@@ -13,6 +13,7 @@ from plantml.metrics import macro_f1
 from plantml.models import keep_frozen_in_eval
 from plantml.preprocess import InputSpec
 from plantml.training.outliers import classification_loss, with_outliers
+from plantml.training.model import unwrap
 from plantml.training.records import DistributedContext
 
 
@@ -65,7 +66,7 @@ def train_one_epoch(model: Any, loader: Any, steps: int, optimizer: Any, schedul
         optimizer.step()
         scheduler.step()
         if average is not None:  # the scheduler's step count survives a resume, so the decay warm-up does too
-            average.update(getattr(model, "module", model), step=scheduler.last_epoch)
+            average.update(unwrap(model), step=scheduler.last_epoch)
         loss_sum += batch_loss * n_labelled
         correct += batch_correct
         seen += n_labelled

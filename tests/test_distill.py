@@ -102,6 +102,23 @@ def test_distill_student_trains_and_evaluates(distilled):
     assert meta["image_size"] == 16 and meta["arch"] == "tiny_cnn"
 
 
+def test_the_student_keeps_the_moving_average_of_its_weights(distilled, tmp_path):
+    """``train.ema_decay`` applies to the student too: same training steps, the average kept."""
+    import torch
+
+    from plantml.pipeline import distill_student
+    from plantml.training import load_checkpoint
+
+    index, teacher, ckpt, report, _, _ = distilled
+    runs = {decay: distill_student(tiny_params(**{"train.ema_decay": decay}), report, teacher, ckpt, index,
+                                   tmp_path / str(decay), progress=False) for decay in (0.0, 0.9)}
+    raw, averaged = runs[0.0]["history"], runs[0.9]["history"]
+    assert [h["train_loss"] for h in averaged] == pytest.approx([h["train_loss"] for h in raw], rel=1e-6)
+    kept = load_checkpoint(runs[0.9]["checkpoint"])[0].state_dict()
+    plain = load_checkpoint(runs[0.0]["checkpoint"])[0].state_dict()
+    assert any(not torch.equal(kept[k], plain[k]) for k in kept if kept[k].is_floating_point())
+
+
 def test_distill_skips_a_student_that_is_not_smaller(distilled, tmp_path):
     from plantml.pipeline import distill_student
 

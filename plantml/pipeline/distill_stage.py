@@ -132,7 +132,8 @@ def _config(params: Params) -> DistillConfig:
     s, t = params.student, params.train
     return DistillConfig(epochs=s.epochs, lr=s.lr, temperature=s.temperature, alpha=s.alpha,
                          batch_size=t.batch_size, weight_decay=t.weight_decay, warmup_epochs=t.warmup_epochs,
-                         patience=t.patience, seed=t.seed, background_replace=t.background_replace)
+                         patience=t.patience, seed=t.seed, background_replace=t.background_replace,
+                         ema_decay=t.ema_decay)
 
 
 def _build_student(params: Params, teacher: Any, teacher_result: Mapping[str, Any]) -> tuple[Any, str, int]:

@@ -31,6 +31,7 @@ import numpy as np
 from plantml.metrics import macro_f1
 from plantml.models import keep_frozen_in_eval
 from plantml.preprocess import InputSpec
+from plantml.training.ema import evaluated_model, weight_average
 from plantml.training.optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class DistillConfig:
     patience: int = 3
     seed: int = 42
     background_replace: float = 0.0
+    ema_decay: float = 0.0  # validate and keep a moving average of the student's weights (train.ema_decay)
 
 
 @dataclass
@@ -95,8 +97,11 @@ def resized_input(images: Any, spec: InputSpec, device: str = "cpu") -> Any:
 
 def distill_epoch(student: Any, teacher: Any, batches: Any, steps: int, optimizer: Any, scheduler: Any,
                   teacher_spec: InputSpec, student_spec: InputSpec, cfg: DistillConfig,
-                  device: str = "cpu") -> dict[str, float]:
+                  device: str = "cpu", average: Any = None) -> dict[str, float]:
     """One pass of at most ``steps`` optimiser steps of the student against the teacher.
+
+    ``average`` (:func:`plantml.training.ema.weight_average` of the student, or ``None``) is
+    updated after every optimiser step.
 
     Returns:
         ``{"train_loss", "train_accuracy", "teacher_agreement", "images", "teacher_seconds"}`` (the time
@@ -125,6 +130,8 @@ def distill_epoch(student: Any, teacher: Any, batches: Any, steps: int, optimize
         torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
         optimizer.step()
         scheduler.step()
+        if average is not None:
+            average.update(student, step=scheduler.last_epoch)
         pred = s_logits.detach().argmax(1)
         loss_sum += float(loss.detach()) * len(labels)
         correct += int((pred == y).sum())
@@ -192,6 +199,7 @@ def distill(student: Any, teacher: Any, index: Any, teacher_spec: InputSpec, stu
     steps = _steps_per_epoch(index, cfg)
     optimizer, scheduler = build_optimizer(student, cfg.lr, cfg.weight_decay, steps, cfg.warmup_epochs)
     augment = augmentation_factory(index.image_size, cfg.background_replace)
+    average = weight_average(student, cfg.ema_decay)
     outcome = DistillOutcome(best_state=copy.deepcopy(student.state_dict()))
     t_start, bad = time.time(), 0
     for epoch in range(1, cfg.epochs + 1):
@@ -199,8 +207,9 @@ def distill(student: Any, teacher: Any, index: Any, teacher_spec: InputSpec, stu
         batches = make_loader(index, "train", cfg.batch_size, train=True, seed=cfg.seed, epoch=epoch,
                               augment_factory=augment, domain_weights=index.domain_weights)
         fit = distill_epoch(student, teacher, batches, steps[epoch - 1], optimizer, scheduler, teacher_spec,
-                            student_spec, cfg, device)
-        val_logits, val_labels, _ = split_logits(student, index, "val", student_spec, device)
+                            student_spec, cfg, device, average)
+        kept = evaluated_model(student, average)
+        val_logits, val_labels, _ = split_logits(kept, index, "val", student_spec, device)
         pred = val_logits.argmax(1)
         row = {"epoch": epoch, **{k: float(v) for k, v in fit.items()},
                "val_accuracy": float((pred == val_labels).mean()) if len(pred) else 0.0,
@@ -211,7 +220,7 @@ def distill(student: Any, teacher: Any, index: Any, teacher_spec: InputSpec, stu
             log.info("student epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
         if row["val_macro_f1"] > outcome.best_val_macro_f1:
             outcome.best_val_macro_f1, outcome.best_epoch, bad = row["val_macro_f1"], epoch, 0
-            outcome.best_state = copy.deepcopy(student.state_dict())
+            outcome.best_state = copy.deepcopy(kept.state_dict())
         else:
             bad += 1
         if on_epoch_end is not None:

@@ -14,7 +14,8 @@ docs/edge-student.md).
 
 Everything else follows :mod:`plantml.training.loop`: the streamed, domain-weighted shards
 (:mod:`plantml.loader`), AdamW with warm-up and cosine decay (:mod:`~plantml.training.optim`),
-early stopping on validation macro-F1 with the best epoch's weights kept. torch is imported
+early stopping on validation macro-F1 with the best epoch's weights kept (those of the moving average of
+the weights when ``ema_decay`` > 0, :mod:`~plantml.training.ema`). torch is imported
 inside the functions (``import plantml.training`` stays torch-free).
 """
 

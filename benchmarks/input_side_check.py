@@ -13,7 +13,6 @@ the shared preprocessing at each side, per domain, 1 thread. Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from plantml import shards as sh  # noqa: E402
-from plantml.pipeline.samples import sample_image  # noqa: E402
+from plantml.pipeline.samples import load_manifest, sample_image  # noqa: E402
 from plantml.preprocess import InputSpec, preprocess_batch  # noqa: E402
 from plantml.training import load_checkpoint  # noqa: E402
 
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     index = sh.load_index(args.index)
     model, meta = load_checkpoint(args.checkpoint)
     model.eval()
-    domain_of = {r["key"]: r.get("domain") or "lab" for r in csv.DictReader(open(Path(args.index) / "manifest.csv"))}
+    domain_of = {r.key: r.domain for r in load_manifest(index)}
     samples = list(sh.iter_split(index, "test", with_originals=True))
     domains = np.array([domain_of[s.key] for s in samples])
     for size in (int(v) for v in args.sizes.split(",")):

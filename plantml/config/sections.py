@@ -133,7 +133,8 @@ class TrainParams:
                                          "trained towards a uniform prediction (Outlier Exposure): the model learns "
                                          "to be unsure when there is no leaf", ge=0, le=1)
     ema_decay: float = param(0.0, "exponential moving average of the weights (validated and kept instead of the "
-                                  "raw weights): the largest per-step decay, warmed up from 0; 0: off", ge=0, lt=1)
+                                  "raw weights, by the branches and the edge student): the largest per-step decay, "
+                                  "warmed up from 0; 0: off", ge=0, lt=1)
     distributed: DistributedParams = param(doc="data-parallel training", factory=DistributedParams)
     seed: int = param(42, "seed of initialisation, augmentation and order", ge=0)
     out_dir: str = param("artifacts/train", "where `plantml train` writes each model", pattern=r"\S")
